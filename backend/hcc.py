@@ -1,0 +1,329 @@
+"""HCC: heterogeneous consistency between an encoder and an LLM, and DCCA correction.
+
+Chen et al., "Verification and Co-Alignment via Heterogeneous Consistency for Preference-Aligned
+LLM Annotations", ICLR 2026. Each item gets
+labels from annotators that fail differently: the encoder's class-cluster label (k-NN over human
+anchors) and the LLM's zero-shot and hinted labels. Items where all agree form the consistent set C, the
+rest the inconsistent set I; CAI = |C| / (|I| + eps) is a reference-free reliability signal. DCCA
+relabels I by rounds of MV-VTES (k-NN majority voting): round 1 votes over C u H (H = human anchors);
+an item whose vote equals one of its own labels is resolved (C_I), the rest vote again over
+C u C_I u H. Items still unresolved after the last round keep the last vote (or the encoder's label)
+and are the first a human should review.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backend.anchors import CLASSIFIERS, class_scores, knn_vote
+
+log = logging.getLogger(__name__)
+
+INVALID = -1
+LLM_VIEWS = ("zero_shot", "hinted", "few_shot")
+UNRESOLVED_POLICIES = ("vote", "encoder", "llm")
+
+
+def consistent_mask(view_labels: np.ndarray) -> np.ndarray:
+    """Items whose views all gave the same valid label. ``view_labels`` is ``(n, n_views)``."""
+    view_labels = np.asarray(view_labels)
+    if view_labels.ndim != 2 or view_labels.shape[1] == 0:
+        raise ValueError("view_labels must be (n_items, n_views) with at least one view")
+    valid = (view_labels != INVALID).all(axis=1)
+    same = (view_labels == view_labels[:, :1]).all(axis=1)
+    return valid & same
+
+
+def cai(n_consistent: int, n_inconsistent: int, eps: float = 1e-6) -> float:
+    """Consistency-agreement index CAI = |C| / (|I| + eps)."""
+    return float(n_consistent) / (float(n_inconsistent) + eps)
+
+
+@dataclass
+class DCCAResult:
+    labels: np.ndarray  # (n,) final class per item
+    stages: list[str]  # "consistent", "round1".."roundR", "unresolved"
+    votes: np.ndarray  # (rounds, n) vote per round, -1 where the item did not vote
+    shares: np.ndarray  # (rounds, n) winner's share of the vote
+
+
+def dcca(
+    embeddings: np.ndarray,
+    view_labels: np.ndarray,
+    anchor_vectors: np.ndarray,
+    anchor_labels: np.ndarray,
+    *,
+    k: int = 5,
+    rounds: int = 2,
+    weighted: bool = False,
+    unresolved: str = "vote",
+) -> DCCAResult:
+    """Relabel the inconsistent items by rounds of k-NN voting over the growing reference set.
+
+    ``view_labels[:, 0]`` is the encoder's label and ``view_labels[:, -1]`` the last LLM view's. Items no
+    round resolves take the last vote (``unresolved='vote'``), the encoder's label (``'encoder'``) or the
+    last view's label (``'llm'``); an invalid choice falls back to the vote, then the encoder.
+    """
+    if unresolved not in UNRESOLVED_POLICIES:
+        raise ValueError(f"unresolved must be one of {UNRESOLVED_POLICIES}")
+    n = len(view_labels)
+    agree = consistent_mask(view_labels) if n else np.zeros(0, bool)
+    labels = np.where(agree, view_labels[:, 0], INVALID).astype(np.int64) if n else np.zeros(0, np.int64)
+    stages = ["consistent" if a else "unresolved" for a in agree]
+    votes = np.full((rounds, n), INVALID, np.int64)
+    shares = np.zeros((rounds, n), np.float32)
+    resolved = agree.copy()
+    pending = np.flatnonzero(~agree)
+    for r in range(rounds):
+        if len(pending) == 0:
+            break
+        ref_items = np.flatnonzero(resolved)
+        ref_vecs = np.vstack([anchor_vectors, embeddings[ref_items]]) if len(ref_items) else anchor_vectors
+        ref_labels = np.concatenate([anchor_labels, labels[ref_items]])
+        vote = knn_vote(embeddings[pending], ref_vecs, ref_labels, k=k, weighted=weighted)
+        votes[r, pending] = vote.labels
+        shares[r, pending] = vote.shares
+        own = (view_labels[pending] == vote.labels[:, None]) & (vote.labels[:, None] != INVALID)
+        hit = own.any(axis=1)
+        newly = pending[hit]
+        labels[newly] = vote.labels[hit]
+        resolved[newly] = True  # C_I joins the reference set of the next round
+        for i in newly:
+            stages[i] = f"round{r + 1}"
+        pending = pending[~hit]
+    for i in pending:
+        last = next((votes[r, i] for r in range(rounds - 1, -1, -1) if votes[r, i] != INVALID), INVALID)
+        preferred = {"vote": last, "encoder": view_labels[i, 0], "llm": view_labels[i, -1]}[unresolved]
+        for choice in (preferred, last, view_labels[i, 0]):
+            if choice != INVALID:
+                labels[i] = choice
+                break
+    return DCCAResult(labels=labels, stages=stages, votes=votes, shares=shares)
+
+
+@dataclass
+class HCCConfig:
+    """Settings of the pipeline; the defaults are the configuration that won the Banking77 ablation."""
+
+    k: int = 3  # anchors per class in the class-cluster score AS(e, C_j)
+    classifier: str = "topk_mean"  # topk_mean (paper), centroid or ensemble
+    vote_k: int = 5  # neighbours in each MV-VTES round
+    rounds: int = 2
+    weighted_vote: bool = False
+    unresolved: str = "vote"
+    llm_views: tuple[str, ...] = ("zero_shot", "hinted")
+    few_shot_examples: int = 8  # retrieved anchors shown in the few-shot view
+    candidates: int = 0  # >0: the few-shot view may only answer one of the encoder's top classes
+    eps: float = 1e-6
+
+    def validate(self) -> None:
+        for view in self.llm_views:
+            if view not in LLM_VIEWS:
+                raise ValueError(f"unknown LLM view {view!r}; choose from {', '.join(LLM_VIEWS)}")
+        if self.k < 1 or self.vote_k < 1 or self.rounds < 0:
+            raise ValueError("k and vote_k must be >= 1 and rounds >= 0")
+        # Fail when the pipeline is built: a bad `unresolved` would otherwise surface after every LLM call.
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {self.classifier!r}; choose from {', '.join(CLASSIFIERS)}")
+        if self.unresolved not in UNRESOLVED_POLICIES:
+            raise ValueError(f"unresolved must be one of {', '.join(UNRESOLVED_POLICIES)}")
+
+
+@dataclass
+class HCCResult:
+    records: list[dict[str, Any]]
+    report: dict[str, Any]
+    final_labels: np.ndarray = field(repr=False, default=None)
+
+
+class HCCPipeline:
+    """Encoder + LLM views -> consistency split -> DCCA, over plain texts and labels.
+
+    ``llm=None`` runs the encoder alone (stage ``encoder_only``).
+    """
+
+    def __init__(self, encoder, labels: Sequence[str], *, llm=None, config: HCCConfig | None = None) -> None:
+        self.encoder = encoder
+        self.labels = list(labels)
+        self.index_of = {label: i for i, label in enumerate(self.labels)}
+        self.llm = llm
+        self.config = config or HCCConfig()
+        self.config.validate()
+        self.anchor_texts: list[str] = []
+        self.anchor_vectors = np.zeros((0, 0), np.float32)
+        self.anchor_labels = np.zeros(0, np.int64)
+
+    def set_anchors(self, texts: Sequence[str], labels: Sequence[str]) -> None:
+        unknown = sorted({lab for lab in labels if lab not in self.index_of})
+        if unknown:
+            raise ValueError(f"anchor labels not in the label set: {unknown[:5]}")
+        self.anchor_texts = list(texts)
+        self.anchor_vectors = self.encoder.encode(self.anchor_texts)
+        self.anchor_labels = np.array([self.index_of[lab] for lab in labels], dtype=np.int64)
+
+    def classes_without_anchors(self) -> list[str]:
+        counts = np.bincount(self.anchor_labels, minlength=len(self.labels))
+        return [label for label, count in zip(self.labels, counts, strict=True) if count == 0]
+
+    # -- the run -------------------------------------------------------------------------------------
+    def annotate(self, texts: Sequence[str], *, skip: Sequence[bool] | None = None, progress: bool = False):
+        cfg = self.config
+        timings: dict[str, float] = {}
+        skip_mask = np.asarray(skip if skip is not None else [False] * len(texts), dtype=bool)
+        active = np.flatnonzero(~skip_mask)
+        work = [texts[i] for i in active]
+
+        t0 = time.perf_counter()
+        vectors = self.encoder.encode(work)
+        timings["encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        scored = class_scores(vectors, self.anchor_vectors, self.anchor_labels, len(self.labels),
+                              k=cfg.k, method=cfg.classifier)
+        timings["classify"] = time.perf_counter() - t0
+
+        views: dict[str, list] = {}
+        if self.llm is not None:
+            views = self._llm_views(work, vectors, scored, progress, timings)
+        view_matrix = np.column_stack(
+            [scored.labels] + [[self._index(a.label) for a in views[v]] for v in cfg.llm_views]
+        ) if self.llm is not None else scored.labels[:, None]
+
+        t0 = time.perf_counter()
+        if self.llm is not None:
+            result = dcca(vectors, view_matrix, self.anchor_vectors, self.anchor_labels, k=cfg.vote_k,
+                          rounds=cfg.rounds, weighted=cfg.weighted_vote, unresolved=cfg.unresolved)
+        else:
+            result = DCCAResult(scored.labels.copy(), ["encoder_only"] * len(work),
+                                np.full((0, len(work)), INVALID), np.zeros((0, len(work))))
+        timings["dcca"] = time.perf_counter() - t0
+
+        records = self._records(texts, skip_mask, active, scored, views, view_matrix, result)
+        report = self._report(records, result, timings)
+        final = np.full(len(texts), INVALID, np.int64)
+        final[active] = result.labels
+        return HCCResult(records=records, report=report, final_labels=final)
+
+    def _index(self, label: str | None) -> int:
+        return self.index_of.get(label, INVALID) if label is not None else INVALID
+
+    def _llm_views(self, work, vectors, scored, progress, timings) -> dict[str, list]:
+        cfg = self.config
+        views: dict[str, list] = {}
+        for view in cfg.llm_views:
+            t0 = time.perf_counter()
+            bar = _progress_bar(len(work), f"LLM {view}", progress)
+            tick = bar.update if bar else None
+            if view == "zero_shot":
+                views[view] = self.llm.zero_shot(work, progress=tick)
+            elif view == "hinted":
+                hints = [self.labels[i] if i != INVALID else "none" for i in scored.labels]
+                views[view] = self.llm.hinted(work, hints, progress=tick)
+            else:
+                examples = self._examples(vectors)
+                cands = self._candidates(scored.scores) if cfg.candidates > 0 else None
+                views[view] = self.llm.few_shot(work, examples, cands, progress=tick)
+            if bar:
+                bar.close()
+            timings[f"llm_{view}"] = time.perf_counter() - t0
+        return views
+
+    def _examples(self, vectors: np.ndarray) -> list[list[tuple[str, str]]]:
+        n_ex = min(self.config.few_shot_examples, len(self.anchor_labels))
+        if n_ex == 0 or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        sims = vectors @ self.anchor_vectors.T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :n_ex]
+        # Most similar last: the example nearest the text sits next to it in the prompt.
+        return [
+            [(self.anchor_texts[j], self.labels[self.anchor_labels[j]]) for j in row[::-1]] for row in top
+        ]
+
+    def _candidates(self, scores: np.ndarray) -> list[list[str]]:
+        m = min(self.config.candidates, scores.shape[1])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :m]
+        # Alphabetical, so the prompt does not reveal which candidate the encoder ranks first.
+        return [
+            sorted(self.labels[j] for j in row if np.isfinite(scores[r, j])) for r, row in enumerate(top)
+        ]
+
+    def _records(self, texts, skip_mask, active, scored, views, view_matrix, result) -> list[dict[str, Any]]:
+        name = {i: label for i, label in enumerate(self.labels)}
+        records: list[dict[str, Any]] = [
+            {"text": texts[i], "label": None, "stage": "skipped", "score": 0.0} for i in range(len(texts))
+        ]
+        for pos, i in enumerate(active):
+            final = int(result.labels[pos])
+            row = view_matrix[pos]
+            rec: dict[str, Any] = {
+                "text": texts[i],
+                "label": name.get(final),
+                "stage": result.stages[pos],
+                "encoder_label": name.get(int(scored.labels[pos])),
+                "encoder_score": _finite(scored.scores[pos, final]) if final != INVALID else None,
+                "encoder_margin": round(float(scored.margins[pos]), 6),
+            }
+            for view in self.config.llm_views if views else ():
+                answer = views[view][pos]
+                rec[f"llm_{view}"] = answer.label
+                rec[f"llm_{view}_probability"] = answer.probability
+                if not answer.valid:
+                    rec[f"llm_{view}_raw"] = answer.raw
+                if answer.error:
+                    rec[f"llm_{view}_error"] = answer.error
+            for r in range(result.votes.shape[0]):
+                if result.votes[r, pos] != INVALID:
+                    rec[f"vote_round{r + 1}"] = name.get(int(result.votes[r, pos]))
+                    rec[f"vote_round{r + 1}_share"] = round(float(result.shares[r, pos]), 4)
+            rec["score"] = _agreement_score(row, final, result, pos)
+            records[i] = rec
+        return records
+
+    def _report(self, records, result, timings) -> dict[str, Any]:
+        cfg = self.config
+        stages: dict[str, int] = {}
+        for rec in records:
+            stages[rec["stage"]] = stages.get(rec["stage"], 0) + 1
+        n_cons = stages.get("consistent", 0)
+        n_unres = stages.get("unresolved", 0)
+        n_active = len(result.labels)
+        report: dict[str, Any] = {
+            "items": len(records),
+            "stages": stages,
+            "anchors": int(len(self.anchor_labels)),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if self.llm is not None:
+            report["cai_before"] = round(cai(n_cons, n_active - n_cons, cfg.eps), 6)
+            report["cai_after"] = round(cai(n_active - n_unres, n_unres, cfg.eps), 6)
+            report["llm"] = self.llm.stats.as_dict()
+        return report
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def _agreement_score(views_row: np.ndarray, final: int, result: DCCAResult, pos: int) -> float:
+    """Uncalibrated confidence: the share of the views and of the last vote that back the final label."""
+    support = [float(v == final) for v in views_row]
+    voted = [r for r in range(result.votes.shape[0]) if result.votes[r, pos] != INVALID]
+    if voted:
+        last = voted[-1]
+        support.append(float(result.shares[last, pos]) if result.votes[last, pos] == final else 0.0)
+    return round(float(np.mean(support)), 4) if support else 0.0
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", leave=False)

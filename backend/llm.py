@@ -1,0 +1,386 @@
+"""LLM annotator over any OpenAI-compatible chat API (OpenAI, vLLM, Ollama, llama.cpp).
+
+Three views of an item: ``zero_shot`` (label list only), ``hinted`` (the encoder's label offered as a
+suggestion, as in HCC) and ``few_shot`` (retrieved labelled examples and optional candidate labels,
+without saying which one the encoder prefers). Answers are constrained to the label set where the server
+allows it; an answer outside the set is recorded as invalid, never mapped to a near label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from backend import prompts
+from backend.llm_cache import ResponseCache, request_key
+
+log = logging.getLogger(__name__)
+
+STRUCTURED_MODES = ("auto", "json_schema", "json_object", "none")
+_RETRYABLE = (
+    openai.APIConnectionError,  # includes timeouts
+    openai.RateLimitError,
+    openai.InternalServerError,
+    openai.APIResponseValidationError,
+)
+# Words in a 400 error that show the server rejects ``response_format`` itself (vLLM, TGI, LM Studio, ...).
+_FORMAT_WORDS = ("response_format", "json", "schema", "grammar")
+_MAX_DELAY = 30.0  # seconds; upper bound on one backoff or Retry-After wait (before jitter)
+
+
+class LLMError(RuntimeError):
+    """The LLM server cannot be used (unreachable, wrong model, refused credentials)."""
+
+
+class MalformedResponseError(ValueError):
+    """The server answered 200 with something that is not a chat completion."""
+
+
+@dataclass
+class LLMAnswer:
+    """One view's answer for one item."""
+
+    label: str | None  # a member of the label set, or None
+    valid: bool  # the raw answer named a label of the set
+    raw: str = ""
+    probability: float | None = None  # P(label) from token logprobs when the server returns them
+    error: str | None = None  # request failed after retries
+    cached: bool = False
+
+
+@dataclass
+class LLMStats:
+    calls: int = 0  # requests sent (retries included)
+    cached: int = 0  # answers served from the on-disk cache
+    failures: int = 0
+    invalid: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0  # wall time spent waiting on the server
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: float) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items() if k[0] != "_"}
+
+
+def canonical(label: str) -> str:
+    """Case, spacing, ``_``/``-`` and surrounding quotes/punctuation do not distinguish labels."""
+    return re.sub(r"[\s_\-]+", " ", label.strip().strip("\"'`.,;:!").strip()).lower()
+
+
+class LabelMatcher:
+    """Strict matching of a raw answer to the label set (exact up to :func:`canonical`)."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        forms: dict[str, list[str]] = {}
+        for label in self.labels:
+            forms.setdefault(canonical(label), []).append(label)
+        # A canonical form shared by two labels is ambiguous and only matches exactly.
+        self._by_form = {form: names[0] for form, names in forms.items() if len(names) == 1}
+        self._exact = set(self.labels)
+
+    def match(self, answer: str) -> str | None:
+        answer = answer.strip()
+        if answer in self._exact:
+            return answer
+        return self._by_form.get(canonical(answer))
+
+    def parse(self, content: str) -> tuple[str | None, str]:
+        """Return (label or None, the label text the model gave) from a JSON or plain-text reply."""
+        text = content.strip()
+        value: Any = text
+        if text.startswith("{") or text.startswith("```"):
+            body = text.strip("`").removeprefix("json").strip()
+            try:
+                obj = json.loads(body)
+                value = obj.get("label", "") if isinstance(obj, dict) else obj
+            except json.JSONDecodeError:
+                value = text
+        if not isinstance(value, str):
+            return None, json.dumps(value)
+        return self.match(value), value
+
+
+def label_probability(content: str, value: str, token_logprobs: list[tuple[str, float]]) -> float | None:
+    """Probability of the tokens that spell ``value`` inside ``content`` (their logprobs summed)."""
+    if not token_logprobs or not value:
+        return None
+    # In a JSON reply the value follows the "label" key; searching from the start would find short labels
+    # ("a", "b", "el", ...) inside the key itself and score the wrong tokens.
+    key = content.find('"label"')
+    start = content.find(value, key + len('"label"') if key >= 0 else 0)
+    if start < 0:
+        return None
+    end = start + len(value)
+    pos, total, used = 0, 0.0, False
+    for token, logprob in token_logprobs:
+        t_start, pos = pos, pos + len(token)
+        if pos > start and t_start < end:
+            total += logprob
+            used = True
+    return math.exp(total) if used else None
+
+
+class LLMAnnotator:
+    """Label texts with an LLM behind an OpenAI-compatible endpoint.
+
+    Requests run on a bounded thread pool; failures are retried with exponential backoff and jitter on
+    connection errors, timeouts, 429 and 5xx. Every response is cached on disk under a key made of the
+    model, the messages and the parameters, so a re-run costs no calls.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        *,
+        base_url: str,
+        model: str = "local",
+        api_key: str | None = None,
+        descriptions: Mapping[str, str] | None = None,
+        cache_dir: str | Path | None = None,
+        concurrency: int = 4,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        temperature: float = 0.0,
+        max_tokens: int = 64,
+        logprobs: bool = True,
+        structured: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        if not labels:
+            raise ValueError("the label set is empty")
+        if structured not in STRUCTURED_MODES:
+            raise ValueError(f"structured must be one of {STRUCTURED_MODES}, got {structured!r}")
+        self.labels = list(labels)
+        self.matcher = LabelMatcher(self.labels)
+        self.model = model
+        self.base_url = base_url
+        self.system = prompts.system_prompt(self.labels, descriptions)
+        self.concurrency = max(1, concurrency)
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.logprobs = logprobs
+        self.structured = structured
+        self._auto_structured = structured == "auto"
+        self.seed = seed
+        self.stats = LLMStats()
+        self.cache = ResponseCache(Path(cache_dir) / "llm_responses.sqlite" if cache_dir else None)
+        self._client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "not-needed", timeout=timeout, max_retries=0
+        )
+        self._mode_lock = threading.Lock()
+
+    # -- public views ------------------------------------------------------------------------------
+    def zero_shot(self, texts: Sequence[str], *, progress=None) -> list[LLMAnswer]:
+        messages = [prompts.zero_shot_message(t) for t in texts]
+        return self._run(messages, [None] * len(texts), progress)
+
+    def hinted(self, texts: Sequence[str], hints: Sequence[str], *, progress=None) -> list[LLMAnswer]:
+        messages = [prompts.hinted_message(t, h) for t, h in zip(texts, hints, strict=True)]
+        return self._run(messages, [None] * len(texts), progress)
+
+    def few_shot(
+        self,
+        texts: Sequence[str],
+        examples: Sequence[Sequence[tuple[str, str]]],
+        candidates: Sequence[Sequence[str]] | None = None,
+        *,
+        progress=None,
+    ) -> list[LLMAnswer]:
+        cands = candidates or [None] * len(texts)
+        messages = [
+            prompts.few_shot_message(t, ex, c) for t, ex, c in zip(texts, examples, cands, strict=True)
+        ]
+        return self._run(messages, list(cands), progress)
+
+    def check(self) -> None:
+        """Fail fast with a clear message when the server cannot be reached or refuses us."""
+        try:
+            self._client.with_options(timeout=10).models.list()
+        except openai.AuthenticationError as exc:
+            raise LLMError(f"the LLM server at {self.base_url} refused the API key: {exc}") from exc
+        except openai.NotFoundError:
+            return  # some compatible servers do not implement /models; the first call will tell
+        except openai.APIError as exc:
+            raise LLMError(f"cannot reach the LLM server at {self.base_url}: {exc}") from exc
+
+    # -- machinery ---------------------------------------------------------------------------------
+    def _run(self, user_messages: list[str], enums: list[Sequence[str] | None], progress) -> list[LLMAnswer]:
+        def one(i: int) -> LLMAnswer:
+            answer = self._answer(user_messages[i], enums[i])
+            if progress is not None:
+                progress()
+            return answer
+
+        if self.concurrency == 1 or len(user_messages) <= 1:
+            return [one(i) for i in range(len(user_messages))]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, range(len(user_messages))))
+
+    def _schema(self, enum: Sequence[str] | None) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": list(enum or self.labels)}},
+            "required": ["label"],
+        }
+
+    def _request(self, user_message: str, enum: Sequence[str] | None, mode: str) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": user_message},
+            ],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
+        if self.logprobs:
+            request["logprobs"] = True
+            # llama-cpp-python only returns chat logprobs when top_logprobs is set (it passes top_logprobs
+            # on as the number to return); 1 is accepted everywhere, 0 reads as "off" to some servers.
+            request["top_logprobs"] = 1
+        if mode == "json_schema":
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "label", "schema": self._schema(enum), "strict": True},
+            }
+        elif mode == "json_object":
+            request["response_format"] = {"type": "json_object", "schema": self._schema(enum)}
+        return request
+
+    def _answer(self, user_message: str, enum: Sequence[str] | None) -> LLMAnswer:
+        mode = self.structured if self.structured != "auto" else "json_object"
+        request = self._request(user_message, enum, mode)
+        key = request_key(request)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.add(cached=1)
+            return self._interpret(hit, cached=True)
+        try:
+            response = self._send(request)
+        except LLMError:
+            raise
+        except Exception as exc:  # retries exhausted: this item fails, the run goes on
+            self.stats.add(failures=1)
+            log.warning("LLM request failed after %d retries: %s", self.max_retries, exc)
+            return LLMAnswer(label=None, valid=False, error=f"{type(exc).__name__}: {exc}")
+        self.cache.put(key, response)
+        return self._interpret(response, cached=False)
+
+    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                self.stats.add(calls=1)
+                return self._parse_completion(self._client.chat.completions.create(**request))
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise LLMError(f"the LLM server at {self.base_url} refused the request: {exc}") from exc
+            except openai.NotFoundError as exc:
+                raise LLMError(f"model {self.model!r} not found at {self.base_url}: {exc}") from exc
+            except openai.BadRequestError as exc:
+                # Dropping a rejected feature is not a failure, so it does not use up a retry.
+                if not self._downgrade(request, exc):
+                    raise
+            except (*_RETRYABLE, ValueError) as exc:
+                if attempt == self.max_retries:
+                    if isinstance(exc, openai.APIConnectionError) and not isinstance(
+                        exc, openai.APITimeoutError
+                    ):
+                        raise LLMError(f"cannot reach the LLM server at {self.base_url}: {exc}") from exc
+                    raise
+                time.sleep(self._delay(attempt, exc))
+                attempt += 1
+            finally:
+                self.stats.add(seconds=time.perf_counter() - started)
+
+    def _parse_completion(self, completion: Any) -> dict[str, Any]:
+        """Content, token logprobs and usage of a completion; a body of the wrong shape is malformed."""
+        try:
+            choice = completion.choices[0]
+            content = choice.message.content or ""
+            tokens = []
+            if choice.logprobs is not None and choice.logprobs.content:
+                tokens = [(t.token, float(t.logprob)) for t in choice.logprobs.content]
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
+            # e.g. {"choices": null} or a text body: retried like a broken connection
+            raise MalformedResponseError(f"not a chat completion: {completion!r:.200}") from exc
+        usage = getattr(completion, "usage", None)
+        self.stats.add(
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+        return {"content": content, "logprobs": tokens}
+
+    def _downgrade(self, request: dict[str, Any], exc: Exception) -> bool:
+        """A server that rejects a feature gets asked again without it, once and for the whole run."""
+        message = str(exc).lower()
+        with self._mode_lock:
+            if "logprobs" in request and "logprob" in message:
+                log.warning("the LLM server rejects logprobs; continuing without label probabilities")
+                self.logprobs = False
+                del request["logprobs"]
+                request.pop("top_logprobs", None)  # not allowed without logprobs
+                return True
+            # Tested against the mode chosen at start: another thread may already have switched to "none"
+            # while this request, built before that, was in flight. Other 400s (context length, ...) are
+            # not a reason to give up constrained output for the whole run.
+            if (
+                "response_format" in request
+                and self._auto_structured
+                and any(word in message for word in _FORMAT_WORDS)
+            ):
+                if self.structured != "none":
+                    log.warning("the LLM server rejects schema-constrained output; using strict matching")
+                self.structured = "none"
+                del request["response_format"]
+                return True
+        return False
+
+    def _delay(self, attempt: int, exc: Exception) -> float:
+        retry_after = None
+        response = getattr(exc, "response", None)
+        if response is not None:
+            try:
+                retry_after = float(response.headers.get("retry-after", ""))
+            except ValueError:
+                retry_after = None
+        if retry_after is None or not math.isfinite(retry_after):
+            retry_after = None  # "nan"/"inf" parse as floats but are no delay; time.sleep rejects them
+        base = retry_after if retry_after is not None else self.backoff * (2**attempt)
+        # Clamped both ways: a negative Retry-After would make time.sleep raise, a huge one would stall.
+        return min(max(base, 0.0), _MAX_DELAY) * (1 + 0.25 * random.random())
+
+    def _interpret(self, response: dict[str, Any], *, cached: bool) -> LLMAnswer:
+        content = response.get("content", "")
+        label, given = self.matcher.parse(content)
+        probability = None
+        if label is not None:
+            tokens = [tuple(t) for t in response.get("logprobs") or []]
+            probability = label_probability(content, given, tokens)
+        else:
+            self.stats.add(invalid=1)
+        return LLMAnswer(label=label, valid=label is not None, raw=content, probability=probability,
+                         cached=cached)

@@ -1,0 +1,47 @@
+"""Shared pytest fixtures. Each section is self-contained; append new ones in their own section."""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------------------------------------
+# Local LLM server (backend.local_llm): a real llama.cpp server on SmolLM2-135M, shared by the session
+# --------------------------------------------------------------------------------------------------------
+import importlib.util
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+LLM_TEST_MODEL = "smollm2-135m"  # ~94 MB: small enough for CI, only good for exercising the plumbing
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it; a race with other processes is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free loopback port, as a fixture so test modules need not import conftest."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def llm_server() -> Iterator[str]:
+    """Base URL (``http://127.0.0.1:PORT/v1``) of a llama.cpp server on SmolLM2, stopped after the session.
+
+    The model is pulled into $HCC_CACHE_DIR (or the default cache), so only the first run downloads it.
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'label-studio-hcc[llm]')")
+    from backend import local_llm
+
+    local_llm.pull(LLM_TEST_MODEL)
+    port = free_port()
+    # 2048 tokens is plenty for classification prompts and keeps the KV cache small.
+    proc = local_llm.serve(LLM_TEST_MODEL, port=port, n_ctx=2048, timeout=120.0, progress=False)
+    try:
+        yield local_llm.base_url_for("127.0.0.1", port)
+    finally:
+        local_llm.stop(proc)

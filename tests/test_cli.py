@@ -1,0 +1,103 @@
+"""The `hcc` command end to end, run as a real subprocess on small files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ANCHORS = """text,label
+my card has not arrived yet,card_arrival
+when will my new card come in the post,card_arrival
+where is the card I ordered,card_arrival
+what is the exchange rate for euros,exchange_rate
+how much is a dollar in pounds today,exchange_rate
+which rate do you use to convert currencies,exchange_rate
+I forgot my PIN,forgot_pin
+,forgot_pin
+I need to reset my pin number,weird_label
+"""
+
+TASKS = """id,text,label
+a,the card you sent me still hasn't shown up,card_arrival
+b,   ,card_arrival
+c,what rate will I get converting to yen,exchange_rate
+a,I can't remember the PIN for my card,forgot_pin
+"""
+
+
+def run_hcc(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HCC_CACHE_DIR=str(cwd / "cache"), PYTHONPATH=str(ROOT))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "anchors.csv").write_text(ANCHORS)
+    (tmp_path / "tasks.csv").write_text(TASKS)
+    (tmp_path / "labels.txt").write_text("card_arrival\nexchange_rate\nforgot_pin\ncard_linking\n")
+    return tmp_path
+
+
+def test_annotate_encoder_only_keeps_every_row_in_order(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                   "--no-llm", "--quiet", "--report", "report.json", "--labels", "labels.txt", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "a#row4"]
+    assert [r["stage"] for r in rows] == ["encoder_only", "skipped", "encoder_only", "encoder_only"]
+    assert [r["label"] for r in rows] == ["card_arrival", None, "exchange_rate", "forgot_pin"]
+    assert rows[1]["problems"] == ["empty_text"]
+    assert "duplicate_id" in rows[3]["problems"]
+    # Bad anchor rows are reported with file, row and field; the run goes on.
+    assert "anchors.csv row 8, field 'text'" in proc.stderr
+    assert "anchors.csv row 9, field 'label'" in proc.stderr and "weird_label" in proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == json.loads((files / "report.json").read_text())
+    assert report["stages"] == {"encoder_only": 3, "skipped": 1}
+    assert report["anchors_used"] == 7
+    assert "label 'card_linking' has no anchors" in proc.stderr
+
+
+def test_evaluate_reports_accuracy_per_stage(files: Path) -> None:
+    assert run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                   "--no-llm", "--quiet", cwd=files).returncode == 0
+    proc = run_hcc("evaluate", "--pred", "out.jsonl", "--gold", "tasks.csv", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["n"] == 4
+    assert result["accuracy"] == 0.75  # the skipped row counts as wrong
+    assert result["stages"]["encoder_only"] == {"n": 3, "accuracy": 1.0}
+
+
+def test_missing_label_column_is_a_clear_error(files: Path) -> None:
+    (files / "nolabel.csv").write_text("text\nhello\n")
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "nolabel.csv", "--out", "o.jsonl",
+                   "--no-llm", cwd=files)
+    assert proc.returncode == 2
+    assert "nolabel.csv: no label column" in proc.stderr
+    assert not (files / "o.jsonl").exists()
+
+
+def test_unreachable_llm_stops_before_any_work(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "o.jsonl",
+                   "--llm-base-url", "http://127.0.0.1:9/v1", "--quiet", cwd=files)
+    assert proc.returncode == 3
+    assert "cannot reach the LLM server at http://127.0.0.1:9/v1" in proc.stderr
+    assert "--no-llm" in proc.stderr
+    assert not (files / "o.jsonl").exists()
+
+
+def test_llm_required_unless_no_llm(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "o.jsonl",
+                   cwd=files, env_extra={"HCC_LLM_BASE_URL": ""})
+    assert proc.returncode == 2
+    assert "--llm-base-url" in proc.stderr

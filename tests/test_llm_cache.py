@@ -1,0 +1,109 @@
+"""The SQLite response cache and its request keys."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from backend.llm_cache import ResponseCache, request_key
+
+RESPONSE = {"content": '{"label": "card_arrival"}', "logprobs": [["card", -0.5], ["_arrival", -0.25]]}
+
+
+def test_round_trip_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "cache.sqlite"  # the parent folder is created on demand
+    cache = ResponseCache(path)
+    cache.put("k1", RESPONSE)
+    cache.put("k2", {"content": "héllo ✓"})
+
+    reopened = ResponseCache(path)  # a new process would see the same entries
+
+    assert reopened.get("k1") == RESPONSE
+    assert reopened.get("k2") == {"content": "héllo ✓"}
+    assert reopened.get("missing") is None
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 2
+
+
+def test_put_replaces_an_entry(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    cache.put("k", {"content": "old"})
+    cache.put("k", {"content": "new"})
+
+    assert ResponseCache(tmp_path / "cache.sqlite").get("k") == {"content": "new"}
+
+
+def test_in_memory_mode_writes_no_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cache = ResponseCache(None)
+    cache.put("k", RESPONSE)
+
+    assert cache.get("k") == RESPONSE
+    assert cache.get("other") is None
+    assert list(tmp_path.iterdir()) == []
+    assert ResponseCache(None).get("k") is None  # nothing is shared between in-memory caches
+
+
+def test_concurrent_writers_from_threads(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    writers, per_writer = 8, 40
+    errors: list[BaseException] = []
+    start = threading.Barrier(writers)
+
+    def write(worker: int) -> None:
+        try:
+            start.wait()  # all threads hit the database at once
+            for i in range(per_writer):
+                cache.put(f"{worker}-{i}", {"worker": worker, "i": i})
+                assert cache.get(f"{worker}-{i}") == {"worker": worker, "i": i}
+        except BaseException as exc:  # collected here, reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert errors == []
+    reader = ResponseCache(tmp_path / "cache.sqlite")
+    for worker in range(writers):
+        for i in range(per_writer):
+            assert reader.get(f"{worker}-{i}") == {"worker": worker, "i": i}
+
+
+def test_two_caches_on_one_file_see_each_other(tmp_path: Path) -> None:
+    # e.g. two gunicorn workers sharing the cache directory
+    first, second = ResponseCache(tmp_path / "c.sqlite"), ResponseCache(tmp_path / "c.sqlite")
+    first.put("k", RESPONSE)
+    assert second.get("k") == RESPONSE
+
+
+def test_request_key_ignores_dict_order() -> None:
+    one = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0,
+           "response_format": {"type": "json_object", "schema": {"type": "object", "required": ["label"]}}}
+    two = {"response_format": {"schema": {"required": ["label"], "type": "object"}, "type": "json_object"},
+           "temperature": 0.0, "messages": [{"content": "hi", "role": "user"}], "model": "m"}
+
+    assert request_key(one) == request_key(two)
+    assert len(request_key(one)) == 64 and int(request_key(one), 16) >= 0  # a sha256 hex digest
+
+
+def test_request_key_changes_with_any_value() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0}
+    variants = [
+        {**base, "model": "n"},
+        {**base, "temperature": 0.5},
+        {**base, "messages": [{"role": "user", "content": "hi "}]},
+        {**base, "messages": [{"role": "system", "content": "hi"}]},
+        {**base, "logprobs": True},
+    ]
+    keys = {request_key(base), *(request_key(v) for v in variants)}
+    assert len(keys) == len(variants) + 1
+
+
+def test_request_key_is_stable_across_runs() -> None:
+    # A fixed value: a change in how keys are made would silently invalidate every user's cache.
+    assert request_key({"b": [1, "é"], "a": None}) == request_key({"a": None, "b": [1, "é"]})
+    assert request_key({"a": 1}) == "015abd7f5cc57a2dd94b7590f04ad8084273905ee33ec5cebeae62276a97f862"
