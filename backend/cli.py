@@ -13,6 +13,7 @@ from backend import __version__
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
 from backend.encoder import DEFAULT_ENCODER
 from backend.hcc import HCCConfig
+from backend.llm import STRUCTURED_MODES
 
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
@@ -25,6 +26,8 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=int, default=HCCConfig.k, help="anchors per class in the class score")
     g.add_argument("--classifier", default=HCCConfig.classifier, choices=("topk_mean", "centroid", "ensemble"))
     g.add_argument("--vote-k", type=int, default=HCCConfig.vote_k, help="neighbours per DCCA vote")
+    g.add_argument("--vote-method", default=HCCConfig.vote_method, choices=("knn", "topk_mean", "centroid", "ensemble"),
+                   help="DCCA vote: knn (MV-VTES majority) or a class score over anchors + consistent items")
     g.add_argument("--rounds", type=int, default=HCCConfig.rounds, help="DCCA voting rounds")
     g.add_argument("--weighted-vote", action="store_true", help="weigh votes by cosine similarity")
     g.add_argument("--unresolved", default=HCCConfig.unresolved, choices=("vote", "encoder", "llm"),
@@ -40,8 +43,8 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
 
 def _hcc_config(args: argparse.Namespace) -> HCCConfig:
     views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    return HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, rounds=args.rounds,
-                     weighted_vote=args.weighted_vote, unresolved=args.unresolved, llm_views=views,
+    return HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, vote_method=args.vote_method,
+                     rounds=args.rounds, weighted_vote=args.weighted_vote, unresolved=args.unresolved, llm_views=views,
                      few_shot_examples=args.few_shot_examples, candidates=args.candidates)
 
 
@@ -53,8 +56,9 @@ def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> 
     g.add_argument("--llm-concurrency", type=int, default=4)
     g.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
     g.add_argument("--no-logprobs", action="store_true", help="do not ask for token logprobs (faster)")
-    g.add_argument("--structured", default="auto", choices=("auto", "json_schema", "json_object", "none"),
-                   help="how to constrain answers to the label set")
+    g.add_argument("--structured", default="auto", choices=STRUCTURED_MODES,
+                   help="how to hold answers to the label set: json_schema (OpenAI, vLLM), json_object "
+                        "(llama-cpp-python), grammar (llama.cpp GBNF, fastest), choice (vLLM), none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field")
 
     p = sub.add_parser("demo", help="annotate a Banking77 sample end to end on the embedded models")
-    p.add_argument("--items", type=int, default=200, help="test items to annotate")
+    p.add_argument("--items", type=int, default=100, help="test items to annotate")
     p.add_argument("--anchor-share", type=float, default=0.05, help="share of train used as anchors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=DEFAULT_LLM_MODEL, help="embedded LLM (see `hcc llm list`)")
@@ -149,7 +153,7 @@ def cmd_llm(args: argparse.Namespace) -> int:
     from backend import local_llm
 
     if args.llm_command == "list":
-        for name, spec in local_llm.MODELS.items():
+        for name, spec in local_llm.REGISTRY.items():
             marker = " (default)" if name == DEFAULT_LLM_MODEL else ""
             print(f"{name}{marker}: {spec.description}")
     elif args.llm_command == "pull":

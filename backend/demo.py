@@ -93,8 +93,10 @@ def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_m
             port = _free_port()
             server = local_llm.serve(llm_model, port=port, log_file=cache_dir / "llm-server.log")
             llm_base_url = local_llm.base_url_for("127.0.0.1", port)
+        # The embedded server is llama.cpp: a grammar over the labels is its fastest exact constraint.
+        structured = "grammar" if server is not None else "auto"
         opts = job.AnnotateOptions(llm_base_url=llm_base_url, llm_model=llm_model or "local",
-                                   cache_dir=cache_dir, hcc=hcc)
+                                   cache_dir=cache_dir, hcc=hcc, structured=structured)
         out = workdir / "annotations.jsonl"
         report = job.annotate_files(tasks, anchors, out, opts, report_path=workdir / "report.json")
     finally:

@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from backend.anchors import CLASSIFIERS, class_scores, knn_vote
+from backend.anchors import CLASSIFIERS, Vote, class_scores, knn_vote
 
 log = logging.getLogger(__name__)
 
 INVALID = -1
 LLM_VIEWS = ("zero_shot", "hinted", "few_shot")
 UNRESOLVED_POLICIES = ("vote", "encoder", "llm")
+VOTE_METHODS = ("knn", *CLASSIFIERS)
 
 
 def consistent_mask(view_labels: np.ndarray) -> np.ndarray:
@@ -63,8 +64,15 @@ def dcca(
     rounds: int = 2,
     weighted: bool = False,
     unresolved: str = "vote",
+    vote_method: str = "knn",
+    n_classes: int | None = None,
 ) -> DCCAResult:
     """Relabel the inconsistent items by rounds of k-NN voting over the growing reference set.
+
+    ``vote_method='knn'`` is the paper's MV-VTES (majority of the ``k`` nearest references). A class
+    classifier name (``centroid``, ``topk_mean``, ``ensemble``) instead scores each class over the whole
+    reference set, which uses every consistent item rather than ``k`` of them; the vote's share is then
+    still the share of the ``k`` nearest references that carry the winning label.
 
     ``view_labels[:, 0]`` is the encoder's label and ``view_labels[:, -1]`` the last LLM view's. Items no
     round resolves take the last vote (``unresolved='vote'``), the encoder's label (``'encoder'``) or the
@@ -86,7 +94,8 @@ def dcca(
         ref_items = np.flatnonzero(resolved)
         ref_vecs = np.vstack([anchor_vectors, embeddings[ref_items]]) if len(ref_items) else anchor_vectors
         ref_labels = np.concatenate([anchor_labels, labels[ref_items]])
-        vote = knn_vote(embeddings[pending], ref_vecs, ref_labels, k=k, weighted=weighted)
+        vote = _round_vote(embeddings[pending], ref_vecs, ref_labels, method=vote_method, k=k,
+                           weighted=weighted, n_classes=n_classes)
         votes[r, pending] = vote.labels
         shares[r, pending] = vote.shares
         own = (view_labels[pending] == vote.labels[:, None]) & (vote.labels[:, None] != INVALID)
@@ -107,6 +116,20 @@ def dcca(
     return DCCAResult(labels=labels, stages=stages, votes=votes, shares=shares)
 
 
+def _round_vote(queries, ref_vecs, ref_labels, *, method, k, weighted, n_classes) -> Vote:
+    if method not in VOTE_METHODS:
+        raise ValueError(f"vote_method must be one of {VOTE_METHODS}, got {method!r}")
+    neighbourhood = knn_vote(queries, ref_vecs, ref_labels, k=k, weighted=weighted)
+    if method == "knn":
+        return neighbourhood
+    n_classes = n_classes or int(ref_labels.max()) + 1
+    scored = class_scores(queries, ref_vecs, ref_labels, n_classes, k=k, method=method)
+    near = np.where(neighbourhood.neighbours >= 0, ref_labels[neighbourhood.neighbours], INVALID)
+    valid = (neighbourhood.neighbours >= 0).sum(axis=1)
+    shares = ((near == scored.labels[:, None]).sum(axis=1) / np.maximum(valid, 1)).astype(np.float32)
+    return Vote(scored.labels, shares, neighbourhood.neighbours)
+
+
 @dataclass
 class HCCConfig:
     """Settings of the pipeline; the defaults are the configuration that won the Banking77 ablation."""
@@ -114,6 +137,7 @@ class HCCConfig:
     k: int = 3  # anchors per class in the class-cluster score AS(e, C_j)
     classifier: str = "topk_mean"  # topk_mean (paper), centroid or ensemble
     vote_k: int = 5  # neighbours in each MV-VTES round
+    vote_method: str = "knn"  # knn (paper's MV-VTES) or a class classifier over the reference set
     rounds: int = 2
     weighted_vote: bool = False
     unresolved: str = "vote"
@@ -133,6 +157,8 @@ class HCCConfig:
             raise ValueError(f"unknown classifier {self.classifier!r}; choose from {', '.join(CLASSIFIERS)}")
         if self.unresolved not in UNRESOLVED_POLICIES:
             raise ValueError(f"unresolved must be one of {', '.join(UNRESOLVED_POLICIES)}")
+        if self.vote_method not in VOTE_METHODS:
+            raise ValueError(f"vote_method must be one of {', '.join(VOTE_METHODS)}")
 
 
 @dataclass
@@ -198,7 +224,8 @@ class HCCPipeline:
         t0 = time.perf_counter()
         if self.llm is not None:
             result = dcca(vectors, view_matrix, self.anchor_vectors, self.anchor_labels, k=cfg.vote_k,
-                          rounds=cfg.rounds, weighted=cfg.weighted_vote, unresolved=cfg.unresolved)
+                          rounds=cfg.rounds, weighted=cfg.weighted_vote, unresolved=cfg.unresolved,
+                          vote_method=cfg.vote_method, n_classes=len(self.labels))
         else:
             result = DCCAResult(scored.labels.copy(), ["encoder_only"] * len(work),
                                 np.full((0, len(work)), INVALID), np.zeros((0, len(work))))

@@ -28,7 +28,13 @@ from backend.llm_cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
 
-STRUCTURED_MODES = ("auto", "json_schema", "json_object", "none")
+#: How answers are held to the label set. ``json_schema``: OpenAI / vLLM structured outputs; ``json_object``:
+#: llama-cpp-python's JSON mode with a schema; ``grammar``: a llama.cpp GBNF grammar that only admits the
+#: labels themselves (a third of the generated tokens of JSON: the fastest on the embedded server);
+#: ``choice``: vLLM's ``guided_choice``; ``none``: free text, matched strictly. ``auto`` = json_object,
+#: falling back to ``none`` when the server rejects it.
+STRUCTURED_MODES = ("auto", "json_schema", "json_object", "grammar", "choice", "none")
+_LABEL_ONLY_MODES = ("grammar", "choice")
 _RETRYABLE = (
     openai.APIConnectionError,  # includes timeouts
     openai.RateLimitError,
@@ -139,6 +145,15 @@ def label_probability(content: str, value: str, token_logprobs: list[tuple[str, 
     return math.exp(total) if used else None
 
 
+def gbnf_choice(options: Sequence[str]) -> str:
+    """A llama.cpp GBNF grammar whose only sentences are the given strings."""
+    def literal(text: str) -> str:
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+
+    return "root ::= " + " | ".join(literal(o) for o in options)
+
+
 class LLMAnnotator:
     """Label texts with an LLM behind an OpenAI-compatible endpoint.
 
@@ -174,7 +189,8 @@ class LLMAnnotator:
         self.matcher = LabelMatcher(self.labels)
         self.model = model
         self.base_url = base_url
-        self.system = prompts.system_prompt(self.labels, descriptions)
+        self.system = prompts.system_prompt(self.labels, descriptions,
+                                            json_answer=structured not in _LABEL_ONLY_MODES)
         self.concurrency = max(1, concurrency)
         self.max_retries = max_retries
         self.backoff = backoff
@@ -268,6 +284,10 @@ class LLMAnnotator:
             }
         elif mode == "json_object":
             request["response_format"] = {"type": "json_object", "schema": self._schema(enum)}
+        elif mode == "grammar":
+            request["extra_body"] = {"grammar": gbnf_choice(enum or self.labels)}
+        elif mode == "choice":
+            request["extra_body"] = {"guided_choice": list(enum or self.labels)}
         return request
 
     def _answer(self, user_message: str, enum: Sequence[str] | None) -> LLMAnswer:
@@ -367,7 +387,7 @@ class LLMAnnotator:
                 retry_after = float(response.headers.get("retry-after", ""))
             except ValueError:
                 retry_after = None
-        if retry_after is None or not math.isfinite(retry_after):
+        if retry_after is not None and not math.isfinite(retry_after):
             retry_after = None  # "nan"/"inf" parse as floats but are no delay; time.sleep rejects them
         base = retry_after if retry_after is not None else self.backoff * (2**attempt)
         # Clamped both ways: a negative Retry-After would make time.sleep raise, a huge one would stall.

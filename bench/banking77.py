@@ -33,16 +33,27 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 
 #: Ablation rows: name -> HCC settings. The first is the paper's recipe.
 ABLATION = {
-    "paper: AS k=3, views zero-shot + hinted": HCCConfig(),
-    "centroid classifier, zero-shot + hinted": HCCConfig(classifier="centroid"),
-    "centroid, zero-shot + few-shot(8 ex, top-10)": HCCConfig(
-        classifier="centroid", llm_views=("zero_shot", "few_shot"), candidates=10),
-    "centroid, hinted + few-shot(8 ex, top-10)": HCCConfig(
-        classifier="centroid", llm_views=("hinted", "few_shot"), candidates=10),
-    "centroid, few-shot only, unresolved=llm": HCCConfig(
-        classifier="centroid", llm_views=("few_shot",), candidates=10, unresolved="llm"),
-    "centroid, zero-shot + few-shot, unresolved=llm": HCCConfig(
-        classifier="centroid", llm_views=("zero_shot", "few_shot"), candidates=10, unresolved="llm"),
+    "paper: AS k=3, zero-shot + hinted, 5-NN vote": HCCConfig(),
+    "centroid classifier, 5-NN vote": HCCConfig(classifier="centroid"),
+    "centroid classifier, centroid vote": HCCConfig(classifier="centroid", vote_method="centroid"),
+    "centroid classifier, centroid vote, 1 round": HCCConfig(classifier="centroid", vote_method="centroid",
+                                                             rounds=1),
+    "centroid classifier, centroid vote, unresolved=encoder": HCCConfig(
+        classifier="centroid", vote_method="centroid", unresolved="encoder"),
+    "centroid classifier, ensemble vote": HCCConfig(classifier="centroid", vote_method="ensemble"),
+    "AS k=3 classifier, centroid vote": HCCConfig(vote_method="centroid"),
+}
+#: Rows with the few-shot view (retrieved anchors as examples, encoder's top classes as candidates), run on
+#: the first ``--few-shot-items`` items of the sample: each call reads ~70 more prompt tokens.
+FEW_SHOT = {
+    "centroid, zero-shot + few-shot(4 ex, top-5), centroid vote": HCCConfig(
+        classifier="centroid", vote_method="centroid", llm_views=("zero_shot", "few_shot"),
+        few_shot_examples=4, candidates=5),
+    "centroid, hinted + few-shot(4 ex, top-5), centroid vote": HCCConfig(
+        classifier="centroid", vote_method="centroid", llm_views=("hinted", "few_shot"),
+        few_shot_examples=4, candidates=5),
+    "centroid, zero-shot + hinted, same items (reference)": HCCConfig(classifier="centroid",
+                                                                      vote_method="centroid"),
 }
 
 
@@ -119,7 +130,9 @@ def main() -> int:
     ap.add_argument("--llm-base-url")
     ap.add_argument("--no-llm", action="store_true")
     ap.add_argument("--logprobs", action="store_true", help="ask for logprobs (about 2x slower here)")
+    ap.add_argument("--structured", default="grammar", help="answer constraint (see LLMAnnotator)")
     ap.add_argument("--only", help="comma-separated ablation row numbers to run (1-based)")
+    ap.add_argument("--few-shot-items", type=int, default=0, help="run the few-shot rows on this many items")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "banking77.json")
     args = ap.parse_args()
 
@@ -151,23 +164,30 @@ def run_ablation(args, enc, anchors, sample, labels, cache) -> dict:
         from backend import local_llm
 
         port = 8091
-        server = local_llm.serve(args.model, port=port, log_file=cache / "bench-llm-server.log")
+        # Without logprobs the server need not keep logits for every prompt token.
+        extra = () if args.logprobs else ("--logits_all", "false")
+        server = local_llm.serve(args.model, port=port, log_file=cache / "bench-llm-server.log", extra_args=extra)
         base_url = local_llm.base_url_for("127.0.0.1", port)
     try:
-        llm = LLMAnnotator(labels, base_url=base_url, model=args.model, cache_dir=cache / "llm",
-                           concurrency=2, logprobs=args.logprobs, timeout=120)
         texts = [r["text"] for r in sample]
         gold = [r["category"] for r in sample]
         rows = {}
         wanted = {int(x) for x in args.only.split(",")} if args.only else None
-        for number, (name, config) in enumerate(ABLATION.items(), start=1):
-            if wanted and number not in wanted:
-                continue
+        plan = [(name, config, texts, gold) for name, config in ABLATION.items()]
+        plan = [row for number, row in enumerate(plan, start=1) if not wanted or number in wanted]
+        if args.few_shot_items:
+            n = args.few_shot_items
+            plan += [(f"[{n} items] {name}", config, texts[:n], gold[:n]) for name, config in FEW_SHOT.items()]
+        for name, config, row_texts, row_gold in plan:
+            # A fresh annotator per row (same on-disk cache) so its call counts are the row's own.
+            llm = LLMAnnotator(labels, base_url=base_url, model=args.model, cache_dir=cache / "llm",
+                               concurrency=2, logprobs=args.logprobs, timeout=120,
+                               structured=args.structured)
             pipe = HCCPipeline(enc, labels, llm=llm, config=replace(config))
             pipe.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
             t0 = time.perf_counter()
-            res = pipe.annotate(texts, progress=True)
-            row = hcc_row(res.records, gold)
+            res = pipe.annotate(row_texts, progress=True)
+            row = hcc_row(res.records, row_gold)
             row["cai_before"], row["cai_after"] = res.report["cai_before"], res.report["cai_after"]
             row["seconds"] = round(time.perf_counter() - t0, 1)
             row["llm"] = dict(res.report["llm"])

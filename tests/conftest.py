@@ -28,7 +28,7 @@ def unused_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def llm_server() -> Iterator[str]:
+def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (``http://127.0.0.1:PORT/v1``) of a llama.cpp server on SmolLM2, stopped after the session.
 
     The model is pulled into $HCC_CACHE_DIR (or the default cache), so only the first run downloads it.
@@ -40,7 +40,8 @@ def llm_server() -> Iterator[str]:
     local_llm.pull(LLM_TEST_MODEL)
     port = free_port()
     # 2048 tokens is plenty for classification prompts and keeps the KV cache small.
-    proc = local_llm.serve(LLM_TEST_MODEL, port=port, n_ctx=2048, timeout=120.0, progress=False)
+    log_file = tmp_path_factory.mktemp("llm_server") / "server.log"  # kept by pytest for post-mortems
+    proc = local_llm.serve(LLM_TEST_MODEL, port=port, n_ctx=2048, timeout=120.0, log_file=log_file, progress=False)
     try:
         yield local_llm.base_url_for("127.0.0.1", port)
     finally:

@@ -101,3 +101,46 @@ def test_llm_required_unless_no_llm(files: Path) -> None:
                    cwd=files, env_extra={"HCC_LLM_BASE_URL": ""})
     assert proc.returncode == 2
     assert "--llm-base-url" in proc.stderr
+
+
+@pytest.mark.llm
+def test_annotate_with_a_real_llm_server_then_rerun_from_cache(files: Path, llm_server: str) -> None:
+    args = ("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+            "--labels", "labels.txt", "--llm-base-url", llm_server, "--quiet")
+    first = run_hcc(*args, cwd=files)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[1]["stage"] == "skipped"
+    labels = {"card_arrival", "exchange_rate", "forgot_pin", "card_linking"}
+    for row in rows[:1] + rows[2:]:
+        assert row["stage"] in {"consistent", "round1", "round2", "unresolved"}
+        assert row["label"] in labels
+        for view in ("llm_zero_shot", "llm_hinted"):
+            # A valid answer is a label of the set; an invalid one is null with the raw answer kept.
+            assert row[view] in labels or (row[view] is None and f"{view}_raw" in row)
+        assert 0.0 <= row["score"] <= 1.0
+    assert sum(report["stages"].values()) == 4
+    assert report["llm"]["calls"] >= 6 and report["llm"]["prompt_tokens"] > 0
+    assert report["cai_before"] >= 0 and report["cai_after"] >= report["cai_before"]
+
+    second = run_hcc(*args, cwd=files)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["llm"]["calls"] == 0 and again["llm"]["cached"] == 6
+    assert [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()] == rows
+
+
+def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
+    proc = run_hcc("demo", "--no-llm", "--items", "30", "--workdir", "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "encoder (k-NN anchors)" in proc.stdout and "stage encoder_only" in proc.stdout
+    assert len((tmp_path / "run" / "annotations.jsonl").read_text().splitlines()) == 30
+
+
+@pytest.mark.llm
+def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
+    proc = run_hcc("demo", "--items", "8", "--workdir", "run", "--llm-base-url", llm_server, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for line in ("LLM zero-shot", "LLM hinted", "HCC final", "CAI before"):
+        assert line in proc.stdout

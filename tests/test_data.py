@@ -71,7 +71,7 @@ def test_explicit_fields_override_autodetection(tmp_path):
     assert table.texts() == ["B"] and table.labels() == ["G"]
 
 
-@pytest.mark.parametrize("kwargs", [{"text_field": "body"}, {"label_field": "gold"}])
+@pytest.mark.parametrize("kwargs", [{"text_field": "body"}, {"label_field": "gold", "require_label": True}])
 def test_missing_named_column_is_a_data_error_naming_file_and_columns(tmp_path, kwargs):
     path = write(tmp_path / "a.csv", "text,label\nT,L\n")
     wanted = next(iter(kwargs.values()))
@@ -81,6 +81,13 @@ def test_missing_named_column_is_a_data_error_naming_file_and_columns(tmp_path, 
     assert str(path) in message
     assert repr(wanted) in message
     assert "'text'" in message and "'label'" in message  # the columns that do exist
+
+
+def test_named_label_column_is_optional_in_a_file_to_annotate(tmp_path):
+    # The same --label-field serves the anchors (labelled) and the items to annotate (often not).
+    path = write(tmp_path / "a.csv", "text\nT\n")
+    table = read_table(path, label_field="gold")
+    assert table.label_field is None and table.labels() == [None]
 
 
 def test_no_text_column_is_a_data_error(tmp_path):

@@ -355,3 +355,25 @@ def test_config_validate_errors(overrides, message):
 def test_default_config_is_valid():
     HCCConfig().validate()
     HCCConfig(rounds=0, llm_views=("few_shot",), classifier="ensemble", unresolved="encoder").validate()
+
+
+def test_centroid_vote_uses_the_whole_reference_set_where_knn_sees_only_neighbours() -> None:
+    # Class 0's nearest anchors sit right next to the item, but most of class 0 lies far away; class 1
+    # is a tight group at 60 degrees. 3-NN votes 0; the class centroid of 1 is the nearer one.
+    anchors = units(43, 44, 46, -90, -90, -90, 60, 60, 60)
+    anchor_labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    item = units(45)
+    views = np.array([[0, 1, 1]])
+
+    by_knn = dcca(item, views, anchors, anchor_labels, k=3, rounds=1, vote_method="knn")
+    by_centroid = dcca(item, views, anchors, anchor_labels, k=3, rounds=1, vote_method="centroid",
+                       n_classes=2)
+
+    assert (by_knn.labels[0], by_knn.stages[0], by_knn.shares[0, 0]) == (0, "round1", 1.0)
+    # The share stays "neighbours that agree with the winner": none of the 3 nearest carry class 1.
+    assert (by_centroid.labels[0], by_centroid.stages[0], by_centroid.shares[0, 0]) == (1, "round1", 0.0)
+
+
+def test_unknown_vote_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="vote_method"):
+        HCCConfig(vote_method="median").validate()

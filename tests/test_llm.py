@@ -626,3 +626,28 @@ def test_check_tolerates_a_server_without_models_endpoint(fault_server: FaultSer
     fault_server.models_action = not_found()
     make(fault_server).check()
     assert fault_server.paths == [("GET", "/v1/models")]
+
+
+@pytest.mark.parametrize("structured", ["grammar", "choice"])
+def test_label_only_modes_send_the_label_set_and_parse_a_bare_label(
+    fault_server: FaultServer, structured: str
+) -> None:
+    fault_server.script(answer("exchange_rate"))
+    annotator = make(fault_server, structured=structured)
+
+    [result] = annotator.few_shot(TEXTS[2:], [[("a text", "card_arrival")]], [["exchange_rate", "card_linking"]])
+
+    assert (result.label, result.valid) == ("exchange_rate", True)
+    body = fault_server.requests[0]
+    assert "response_format" not in body
+    assert prompts.LABEL_ONLY_FORMAT in body["messages"][0]["content"]
+    assert "JSON" not in body["messages"][0]["content"]
+    if structured == "grammar":
+        assert body["grammar"] == 'root ::= "exchange_rate" | "card_linking"'
+    else:
+        assert body["guided_choice"] == ["exchange_rate", "card_linking"]
+
+
+def test_gbnf_choice_escapes_quotes_backslashes_and_newlines() -> None:
+    grammar = llm_module.gbnf_choice(['say "hi"', "back\\slash", "two\nlines"])
+    assert grammar == 'root ::= "say \\"hi\\"" | "back\\\\slash" | "two\\nlines"'

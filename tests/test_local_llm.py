@@ -99,6 +99,9 @@ def test_file_without_sidecar_is_hashed_once_not_downloaded(
 
 def test_wrong_pinned_hash_raises_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = local_llm.REGISTRY[LLM_TEST_MODEL]
+    stale = local_llm.model_path(LLM_TEST_MODEL, cache_dir=tmp_path)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a truncated earlier download")  # must not survive either
     bad = dataclasses.replace(spec, sha256="0" * 64)
     monkeypatch.setitem(local_llm.REGISTRY, LLM_TEST_MODEL, bad)
     with pytest.raises(local_llm.ModelIntegrityError) as excinfo:
@@ -151,7 +154,7 @@ def test_server_start_failure_reports_the_log(tmp_path: Path, unused_port: int) 
     not_a_model = tmp_path / "garbage.gguf"
     not_a_model.write_bytes(b"this is not a GGUF file")
     with pytest.raises(local_llm.LLMServerError, match="last lines of"):
-        local_llm.serve(str(not_a_model), port=unused_port, timeout=60)
+        local_llm.serve(str(not_a_model), port=unused_port, timeout=60, log_file=tmp_path / "server.log")
 
 
 @pytest.mark.llm
@@ -172,6 +175,7 @@ def test_server_answers_with_a_label_from_the_schema_enum(llm_server: str) -> No
         ],
         response_format={"type": "json_object", "schema": schema},  # type: ignore[typeddict-unknown-key]
         logprobs=True,
+        top_logprobs=1,  # llama-cpp-python returns no logprobs at all unless top_logprobs is set
         temperature=0.0,
         max_tokens=32,
     )
