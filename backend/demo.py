@@ -17,9 +17,11 @@ SAMPLES = Path(__file__).parent / "samples"
 
 
 def find_shared_data() -> Path | None:
-    """``HCC_DATA_DIR``, else ``../shared/data`` beside the working directory or the checkout."""
-    candidates = [os.environ.get("HCC_DATA_DIR"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[2] / "shared" / "data"]
+    """``HCC_DATA_DIR`` when set (only there), else ``../shared/data`` beside the working directory or the
+    checkout; None means the bundled sample."""
+    explicit = os.environ.get("HCC_DATA_DIR")
+    candidates = [explicit] if explicit else [Path.cwd().parent / "shared" / "data",
+                                              Path(__file__).resolve().parents[2] / "shared" / "data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "banking77" / "train.csv").is_file():
             return Path(candidate)

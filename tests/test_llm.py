@@ -564,7 +564,7 @@ def test_invalid_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
         LLMAnnotator([], base_url="http://127.0.0.1:9/v1")
     with pytest.raises(ValueError, match="structured"):
-        LLMAnnotator(LABELS, base_url="http://127.0.0.1:9/v1", structured="grammar")
+        LLMAnnotator(LABELS, base_url="http://127.0.0.1:9/v1", structured="xml")
 
 
 # -- concurrency and stats ----------------------------------------------------------------------------

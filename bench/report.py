@@ -1,0 +1,60 @@
+"""Print the markdown tables of docs/benchmarks.md from the JSON results in bench/results/.
+
+    .venv/bin/python bench/report.py bench/results/banking77.json [more results ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def stage(row: dict, name: str) -> str:
+    n = row.get(f"{name}_n", 0)
+    return f"{n} / {pct(row.get(f'{name}_acc'))}" if n else "0 / -"
+
+
+def encoder_table(result: dict) -> list[str]:
+    lines = [f"Encoder `{result['encoder']}`, {result['anchors']} anchors, all {result['test_items']} test items:", "",
+             "| classifier | accuracy |", "|---|---|"]
+    lines += [f"| {name} | {pct(acc)} |" for name, acc in result["encoder_full_test"].items()]
+    speed = result["speed"]
+    lines += ["", f"Speed: encoder {speed['encoder_sentences_per_s']} sentences/s (no cache); "
+              f"class scores + 2 DCCA rounds over 10,000 items: {speed['as_dcca_10k_items_s']} s.", ""]
+    return lines
+
+
+def ablation_table(result: dict) -> list[str]:
+    rows = result.get("ablation") or {}
+    if not rows:
+        return []
+    lines = [f"LLM `{result.get('llm_model')}`, {result['llm_items']} test items (seed {result['seed']}); "
+             "stage cells are items / accuracy %:", "",
+             "| configuration | encoder | LLM zero-shot | LLM hinted | LLM few-shot | hint copied | consistent C "
+             "| CAI before | round 1 | round 2 | unresolved | CAI after | **HCC final** |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {pct(row.get('encoder_label'))} | {pct(row.get('llm_zero_shot'))} "
+            f"| {pct(row.get('llm_hinted'))} | {pct(row.get('llm_few_shot'))} | {pct(row.get('hint_copied'))} "
+            f"| {stage(row, 'consistent')} | {row['cai_before']:.3f} | {stage(row, 'round1')} "
+            f"| {stage(row, 'round2')} | {stage(row, 'unresolved')} | {row['cai_after']:.3f} "
+            f"| **{pct(row['final'])}** |")
+    return lines + [""]
+
+
+def main() -> int:
+    for path in sys.argv[1:]:
+        result = json.loads(Path(path).read_text())
+        print(f"### {path}\n")
+        print("\n".join(encoder_table(result) + ablation_table(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
