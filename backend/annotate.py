@@ -34,6 +34,7 @@ class AnnotateOptions:
     llm_timeout: float = 60.0
     logprobs: bool = True
     structured: str = "auto"
+    seed: int = 0
     cache_dir: Path | None = None
     progress: bool = True
     hcc: HCCConfig = field(default_factory=HCCConfig)
@@ -41,7 +42,8 @@ class AnnotateOptions:
 
 def load_inputs(unlabeled: str | Path, anchors: str | Path, opts: AnnotateOptions):
     """Read both files and the label set; report every row problem on stderr."""
-    label_set = data.read_label_set(opts.labels_file) if opts.labels_file else None
+    label_file = data.read_label_file(opts.labels_file) if opts.labels_file else None
+    label_set = list(label_file) if label_file else None
     anchor_table = data.read_table(anchors, text_field=opts.text_field, label_field=opts.label_field,
                                    require_label=True)
     picked, label_set = data.select_anchors(anchor_table, label_set)
@@ -51,10 +53,12 @@ def load_inputs(unlabeled: str | Path, anchors: str | Path, opts: AnnotateOption
     ids = data.row_ids(table)  # also records duplicate-id problems
     for problem in anchor_table.problems + table.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    return table, ids, picked, label_set
+    descriptions = {k: v for k, v in (label_file or {}).items() if v}
+    return table, ids, picked, label_set, descriptions
 
 
-def build_pipeline(label_set: list[str], opts: AnnotateOptions) -> HCCPipeline:
+def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: dict[str, str] | None = None
+                   ) -> HCCPipeline:
     cache = Path(opts.cache_dir) if opts.cache_dir else None
     encoder = Encoder(opts.encoder, cache_dir=cache / "embeddings" if cache else None,
                       show_progress=opts.progress or None)
@@ -62,6 +66,7 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions) -> HCCPipeline:
     if opts.llm_base_url:
         llm = LLMAnnotator(
             label_set, base_url=opts.llm_base_url, model=opts.llm_model, api_key=opts.llm_api_key,
+            descriptions=descriptions or None, seed=opts.seed,
             cache_dir=cache / "llm" if cache else None, concurrency=opts.llm_concurrency,
             timeout=opts.llm_timeout, logprobs=opts.logprobs, structured=opts.structured,
         )
@@ -71,8 +76,8 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions) -> HCCPipeline:
 
 def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, opts: AnnotateOptions,
                    *, report_path: str | Path | None = None) -> dict[str, Any]:
-    table, ids, picked, label_set = load_inputs(unlabeled, anchors, opts)
-    pipeline = build_pipeline(label_set, opts)
+    table, ids, picked, label_set, descriptions = load_inputs(unlabeled, anchors, opts)
+    pipeline = build_pipeline(label_set, opts, descriptions)
     pipeline.set_anchors(picked.texts, picked.labels)
     for label in pipeline.classes_without_anchors():
         print(f"warning: label {label!r} has no anchors; the encoder can never predict it", file=sys.stderr)

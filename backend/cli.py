@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", required=True, help="CSV or JSONL of texts to label")
     p.add_argument("--anchors", required=True, help="CSV or JSONL of human-labelled texts")
     p.add_argument("--out", required=True, help="output JSONL, one object per input row, in order")
-    p.add_argument("--labels", help="label set: JSON list, text file (one per line) or CSV")
+    p.add_argument("--labels", help="label set: JSON list or object label -> description, text file (one per "
+                                    "line) or CSV with label (and description) columns")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed sent to the LLM")
     p.add_argument("--text-field")
     p.add_argument("--label-field")
     p.add_argument("--report", help="write the run report (JSON) here too")
@@ -120,7 +122,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         encoder=args.encoder, llm_base_url=None if args.no_llm else args.llm_base_url,
         llm_model=args.llm_model, llm_api_key=os.environ.get("OPENAI_API_KEY"),
         llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout, logprobs=not args.no_logprobs,
-        structured=args.structured, cache_dir=args.cache_dir or cache_dir(), progress=not args.quiet,
+        structured=args.structured, seed=args.seed, cache_dir=args.cache_dir or cache_dir(),
+        progress=not args.quiet,
         hcc=_hcc_config(args),
     )
     report = annotate_files(args.unlabeled, args.anchors, args.out, opts, report_path=args.report)

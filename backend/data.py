@@ -199,28 +199,45 @@ def row_ids(table: Table) -> list[str]:
 
 
 def read_label_set(path: str | Path) -> list[str]:
-    """A label list from JSON (a list), a text file (one per line) or a CSV with a label column."""
+    """A label list from JSON (a list, or an object label -> description), a text file (one label per
+    line) or a CSV with a ``label`` (or ``category``) column."""
+    return list(read_label_file(path))
+
+
+def read_label_file(path: str | Path) -> dict[str, str | None]:
+    """Labels in file order, each with its description when the file gives one.
+
+    Descriptions come from a JSON object (``{"card_arrival": "the customer waits for a card"}``) or a
+    ``description`` column in a CSV; the LLM sees them next to the labels.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such label file")
     text, _ = _decode(path.read_bytes())
+    pairs: list[tuple[str | None, str | None]]
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise DataError(f"{path}: expected a JSON list of label names")
-        labels = data
+        if isinstance(data, dict) and all(isinstance(v, str | None) for v in data.values()):
+            pairs = list(data.items())
+        elif isinstance(data, list) and all(isinstance(x, str) for x in data):
+            pairs = [(x, None) for x in data]
+        else:
+            raise DataError(f"{path}: expected a JSON list of label names or an object label -> description")
     elif path.suffix.lower() == ".csv":
-        labels = [_as_label(r.get("label") or r.get("category")) for r in csv.DictReader(io.StringIO(text))]
+        rows = csv.DictReader(io.StringIO(text))
+        pairs = [(_as_label(r.get("label") or r.get("category")), _as_label(r.get("description"))) for r in rows]
     else:
-        labels = text.splitlines()
-    labels = [x.strip() for x in labels if x and x.strip()]
-    unique = list(dict.fromkeys(labels))
-    if not unique:
+        pairs = [(line, None) for line in text.splitlines()]
+    labels: dict[str, str | None] = {}
+    for label, description in pairs:
+        if label and label.strip() and label.strip() not in labels:
+            labels[label.strip()] = description.strip() if description else None
+    if not labels:
         raise DataError(f"{path}: no labels found")
-    return unique
+    return labels
 
 
 @dataclass

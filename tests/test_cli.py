@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fault_server import FaultServer, fault_server_fixture, label  # noqa: F401 - registers the fixture
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ANCHORS = """text,label
@@ -144,3 +146,23 @@ def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
     assert proc.returncode == 0, proc.stderr
     for line in ("LLM zero-shot", "LLM hinted", "HCC final", "CAI before"):
         assert line in proc.stdout
+
+
+def test_label_descriptions_and_seed_reach_the_llm(files: Path, fault_server: FaultServer) -> None:
+    (files / "labels.json").write_text(json.dumps({
+        "card_arrival": "a card the customer ordered has not come", "exchange_rate": None,
+        "forgot_pin": "the customer cannot remember the PIN"}))
+    fault_server.default = label("forgot_pin")
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                   "--labels", "labels.json", "--llm-base-url", fault_server.url, "--seed", "7", "--quiet",
+                   "--no-logprobs", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    assert fault_server.request_count == 6  # 3 texts x (zero-shot, hinted); the empty row costs nothing
+    system = fault_server.requests[0]["messages"][0]["content"]
+    assert "- card_arrival: a card the customer ordered has not come" in system
+    assert "- exchange_rate\n" in system
+    assert {body["seed"] for body in fault_server.requests} == {7}
+    rows = [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()]
+    # The server says forgot_pin for everything: only the PIN question is consistent.
+    assert [r["stage"] for r in rows][3] == "consistent"
+    assert rows[0]["llm_zero_shot"] == "forgot_pin" and rows[0]["stage"] != "consistent"

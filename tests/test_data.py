@@ -317,3 +317,13 @@ def test_select_anchors_skips_bad_json_rows_without_a_missing_label_problem(tmp_
     picked, _ = select_anchors(table, ["a"])
     assert picked.ids == ["1"]
     assert [p.kind for p in table.problems] == ["bad_json", "empty_text"]
+
+
+def test_label_file_descriptions_from_json_object_and_csv(tmp_path):
+    from backend.data import read_label_file
+
+    as_json = write(tmp_path / "l.json", '{"refund": "money back", "balance": null}')
+    assert read_label_file(as_json) == {"refund": "money back", "balance": None}
+    assert read_label_set(as_json) == ["refund", "balance"]
+    as_csv = write(tmp_path / "l.csv", "label,description\nrefund,money back\nbalance,\n")
+    assert read_label_file(as_csv) == {"refund": "money back", "balance": None}
