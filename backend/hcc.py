@@ -132,15 +132,17 @@ def _round_vote(queries, ref_vecs, ref_labels, *, method, k, weighted, n_classes
 
 @dataclass
 class HCCConfig:
-    """Settings of the pipeline; the defaults are the configuration that won the Banking77 ablation."""
+    """Settings of the pipeline; the defaults are the configuration that won the Banking77 ablation
+    (docs/benchmarks.md). The paper's recipe is ``HCCConfig(classifier="topk_mean", vote_method="knn",
+    unresolved="vote")``."""
 
     k: int = 3  # anchors per class in the class-cluster score AS(e, C_j)
-    classifier: str = "topk_mean"  # topk_mean (paper), centroid or ensemble
+    classifier: str = "centroid"  # centroid (won on Banking77), topk_mean (the paper's AS) or ensemble
     vote_k: int = 5  # neighbours in each MV-VTES round
-    vote_method: str = "knn"  # knn (paper's MV-VTES) or a class classifier over the reference set
+    vote_method: str = "centroid"  # class centroids over anchors + resolved items; knn = the paper's MV-VTES
     rounds: int = 2
     weighted_vote: bool = False
-    unresolved: str = "vote"
+    unresolved: str = "encoder"  # label of items no round resolves: encoder, vote or llm
     llm_views: tuple[str, ...] = ("zero_shot", "hinted")
     few_shot_examples: int = 8  # retrieved anchors shown in the few-shot view
     candidates: int = 0  # >0: the few-shot view may only answer one of the encoder's top classes
