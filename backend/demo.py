@@ -65,7 +65,7 @@ def result_table(records: list[dict[str, Any]], gold: list[str], report: dict[st
     fields = [f for f in ("encoder_label", "llm_zero_shot", "llm_hinted", "llm_few_shot") if f in records[0]]
     scores = accuracy_by_stage(records, gold, fields=fields)
     lines = [f"{'':28}{'items':>8}{'accuracy':>10}"]
-    names = {"encoder_label": "encoder (k-NN anchors)", "llm_zero_shot": "LLM zero-shot",
+    names = {"encoder_label": "encoder (anchors)", "llm_zero_shot": "LLM zero-shot",
              "llm_hinted": "LLM hinted", "llm_few_shot": "LLM few-shot"}
     for f in fields:
         lines.append(f"{names[f]:28}{scores['n']:>8}{_pct(scores[f]):>10}")
@@ -73,7 +73,9 @@ def result_table(records: list[dict[str, Any]], gold: list[str], report: dict[st
         lines.append(f"{'stage ' + stage:28}{row['n']:>8}{_pct(row['accuracy']):>10}")
     lines.append(f"{'HCC final':28}{scores['n']:>8}{_pct(scores['accuracy']):>10}")
     if "cai_before" in report:
-        lines.append(f"CAI before {report['cai_before']:.3f}, after {report['cai_after']:.3f}")
+        # CAI = consistent / (inconsistent + eps): with nothing left unresolved it is 1/eps, not a useful number.
+        after = f"{report['cai_after']:.3f}" if report.get("stages", {}).get("unresolved") else "- (all resolved)"
+        lines.append(f"CAI before {report['cai_before']:.3f}, after {after}")
     return "\n".join(lines)
 
 

@@ -136,7 +136,7 @@ def test_annotate_with_a_real_llm_server_then_rerun_from_cache(files: Path, llm_
 def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
     proc = run_hcc("demo", "--no-llm", "--items", "30", "--workdir", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "encoder (k-NN anchors)" in proc.stdout and "stage encoder_only" in proc.stdout
+    assert "encoder (anchors)" in proc.stdout and "stage encoder_only" in proc.stdout
     assert len((tmp_path / "run" / "annotations.jsonl").read_text().splitlines()) == 30
 
 
