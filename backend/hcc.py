@@ -80,6 +80,8 @@ def dcca(
     """
     if unresolved not in UNRESOLVED_POLICIES:
         raise ValueError(f"unresolved must be one of {UNRESOLVED_POLICIES}")
+    if vote_method not in VOTE_METHODS:
+        raise ValueError(f"vote_method must be one of {VOTE_METHODS}, got {vote_method!r}")
     n = len(view_labels)
     agree = consistent_mask(view_labels) if n else np.zeros(0, bool)
     labels = np.where(agree, view_labels[:, 0], INVALID).astype(np.int64) if n else np.zeros(0, np.int64)
@@ -117,8 +119,6 @@ def dcca(
 
 
 def _round_vote(queries, ref_vecs, ref_labels, *, method, k, weighted, n_classes) -> Vote:
-    if method not in VOTE_METHODS:
-        raise ValueError(f"vote_method must be one of {VOTE_METHODS}, got {method!r}")
     neighbourhood = knn_vote(queries, ref_vecs, ref_labels, k=k, weighted=weighted)
     if method == "knn":
         return neighbourhood

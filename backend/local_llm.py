@@ -411,6 +411,13 @@ def base_url_for(host: str, port: int) -> str:
     return f"http://{host}:{port}/v1"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it; another process may take it first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise :class:`PortInUseError` if something listens on ``host:port``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.anchors import class_scores, knn_vote  # noqa: E402
 from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
 from backend.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
+from backend.evaluate import accuracy_by_stage  # noqa: E402
 from backend.hcc import HCCConfig, HCCPipeline, dcca  # noqa: E402
 from backend.llm import LLMAnnotator  # noqa: E402
 
@@ -105,19 +106,15 @@ def speed_rows(model: str, train, labels) -> dict:
 
 
 def hcc_row(records: list[dict], gold: list[str]) -> dict:
-    n = len(records)
-    row: dict = {"n": n}
-    hits = [r["label"] == g for r, g in zip(records, gold, strict=True)]
-    row["final"] = sum(hits) / n
-    for field in ("encoder_label", "llm_zero_shot", "llm_hinted", "llm_few_shot"):
-        if field in records[0]:
-            row[field] = sum(r.get(field) == g for r, g in zip(records, gold, strict=True)) / n
+    """Flatten accuracy_by_stage into one table row (the keys bench/report.py reads)."""
+    fields = [f for f in ("encoder_label", "llm_zero_shot", "llm_hinted", "llm_few_shot") if f in records[0]]
+    scores = accuracy_by_stage(records, gold, fields=fields)
+    row: dict = {"n": scores["n"], "final": scores["accuracy"], **{f: scores[f] for f in fields}}
     for stage in ("consistent", "round1", "round2", "unresolved"):
-        sel = [h for r, h in zip(records, hits, strict=True) if r["stage"] == stage]
-        row[f"{stage}_n"] = len(sel)
-        row[f"{stage}_acc"] = sum(sel) / len(sel) if sel else None
+        cell = scores["stages"].get(stage, {"n": 0, "accuracy": None})
+        row[f"{stage}_n"], row[f"{stage}_acc"] = cell["n"], cell["accuracy"]
     if "llm_hinted" in records[0]:
-        row["hint_copied"] = sum(r["llm_hinted"] == r["encoder_label"] for r in records) / n
+        row["hint_copied"] = sum(r["llm_hinted"] == r["encoder_label"] for r in records) / len(records)
     return row
 
 

@@ -6,19 +6,13 @@ from __future__ import annotations
 # Local LLM server (backend.local_llm): a real llama.cpp server on SmolLM2-135M, shared by the session
 # --------------------------------------------------------------------------------------------------------
 import importlib.util
-import socket
 from collections.abc import Iterator
 
 import pytest
 
+from backend.local_llm import free_port
+
 LLM_TEST_MODEL = "smollm2-135m"  # ~94 MB: small enough for CI, only good for exercising the plumbing
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it; a race with other processes is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
