@@ -1,0 +1,165 @@
+"""The calls this backend makes to Label Studio, through label-studio-sdk.
+
+Everything Label Studio-specific about reading tasks and annotations and writing predictions, task meta,
+the project's ``model_version`` and the review tab lives here, so the rest of the layer deals in plain
+records. Secrets (the API key) are never logged or put into error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REVIEW_TAB_TITLE = "Needs review"
+PAGE_SIZE = 500
+WRITE_BATCH = 500
+
+
+class StudioError(RuntimeError):
+    """Label Studio could not be reached or refused a call; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task as the backend needs it."""
+
+    id: int
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    annotations: list[dict[str, Any]]  # submitted, not skipped
+    predictions: list[dict[str, Any]]
+
+
+def _explain(exc: Exception, url: str, what: str) -> StudioError:
+    status = getattr(exc, "status_code", None)
+    if status in (401, 403):
+        return StudioError(
+            f"Label Studio at {url} rejected LABEL_STUDIO_API_KEY ({status}) while trying to {what}: use a legacy "
+            "token or a personal access token of a user with access to the project"
+        )
+    if status is not None:
+        body = getattr(exc, "body", None)
+        return StudioError(f"Label Studio at {url} answered {status} while trying to {what}: {str(body)[:300]}")
+    return StudioError(f"cannot reach Label Studio at {url} to {what}: {type(exc).__name__}: {exc}")
+
+
+class StudioClient:
+    """A thin wrapper over ``label_studio_sdk.LabelStudio`` for one Label Studio instance."""
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 30.0, concurrency: int = 4) -> None:
+        if not url:
+            raise StudioError("LABEL_STUDIO_URL is not set: the backend needs it to write predictions")
+        if not api_key:
+            raise StudioError("LABEL_STUDIO_API_KEY is not set: the backend needs it to write predictions")
+        from label_studio_sdk import LabelStudio
+
+        self.url = url.rstrip("/")
+        self.concurrency = concurrency
+        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # the SDK raises ApiError, httpx errors, and JWT refresh errors
+            raise _explain(exc, self.url, what) from exc
+
+    # -- reads -------------------------------------------------------------------------------------
+    def whoami(self) -> str:
+        user = self._call("check the API key", self._sdk.users.whoami)
+        return getattr(user, "email", None) or getattr(user, "username", "?")
+
+    def project(self, project_id: int) -> dict[str, Any]:
+        p = self._call(f"read project {project_id}", self._sdk.projects.get, id=project_id)
+        return {"id": p.id, "title": p.title, "label_config": p.label_config, "model_version": p.model_version or ""}
+
+    def tasks(self, project_id: int) -> Iterator[TaskRecord]:
+        """Every task of the project with its annotations and predictions."""
+        pager = self._call(f"list the tasks of project {project_id}", self._sdk.tasks.list,
+                           project=project_id, fields="all", page_size=PAGE_SIZE)
+        try:
+            for task in pager:
+                yield _task_record(task.model_dump())
+        except Exception as exc:
+            raise _explain(exc, self.url, f"list the tasks of project {project_id}") from exc
+
+    # -- writes ------------------------------------------------------------------------------------
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> None:
+        for start in range(0, len(predictions), WRITE_BATCH):
+            batch = predictions[start:start + WRITE_BATCH]
+            self._call(f"write {len(batch)} predictions to project {project_id}",
+                       self._sdk.projects.import_predictions, id=project_id, request=batch)
+
+    def prediction_ids(self, project_id: int, model_version: str) -> dict[int, int]:
+        """task id -> id of its prediction with this model version."""
+        ids: dict[int, int] = {}
+        for task in self.tasks(project_id):
+            for pred in task.predictions:
+                if pred.get("model_version") == model_version:
+                    ids[task.id] = max(ids.get(task.id, 0), int(pred["id"]))
+        return ids
+
+    def prediction_id(self, task_id: int, model_version: str) -> int | None:
+        """Id of the task's latest prediction with this model version, if any."""
+        preds = self._call(f"list the predictions of task {task_id}", self._sdk.predictions.list, task=task_id)
+        ids = [int(p.id) for p in preds if p.model_version == model_version]
+        return max(ids) if ids else None
+
+    def update_predictions(self, updates: dict[int, dict[str, Any]]) -> None:
+        """prediction id -> {result, score}; sent concurrently."""
+        def one(item):
+            pid, pred = item
+            self._call(f"update prediction {pid}", self._sdk.predictions.update, id=pid,
+                       result=pred["result"], score=pred["score"])
+        self._parallel(one, list(updates.items()))
+
+    def update_meta(self, metas: dict[int, dict[str, Any]], *, merge: bool = False) -> None:
+        """task id -> the task's new meta (merged into the current one when ``merge``); sent concurrently."""
+        def one(item):
+            task_id, meta = item
+            if merge:
+                current = self._call(f"read task {task_id}", self._sdk.tasks.get, id=str(task_id)).meta or {}
+                meta = {**current, **meta}
+            self._call(f"update the meta of task {task_id}", self._sdk.tasks.update, id=str(task_id), meta=meta)
+        self._parallel(one, list(metas.items()))
+
+    def set_model_version(self, project_id: int, model_version: str) -> None:
+        self._call(f"set model_version of project {project_id}", self._sdk.projects.update,
+                   id=project_id, model_version=model_version)
+
+    def ensure_review_tab(self, project_id: int, *, threshold: float) -> int:
+        """Create the review tab once (or fix its filter); returns its id."""
+        data = {
+            "title": REVIEW_TAB_TITLE,
+            "filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+                {"filter": "filter:tasks:predictions_score", "operator": "less", "type": "Number", "value": threshold},
+            ]},
+            "ordering": ["tasks:predictions_score"],
+        }
+        views = self._call(f"list the tabs of project {project_id}", self._sdk.views.list, project=project_id)
+        for view in views:
+            if isinstance(view.data, dict) and view.data.get("title") == REVIEW_TAB_TITLE:
+                if view.data.get("filters") != data["filters"]:
+                    self._call("update the review tab", self._sdk.views.update, id=str(view.id), data=data)
+                return int(view.id)
+        view = self._call(f"create the review tab of project {project_id}", self._sdk.views.create,
+                          project=project_id, data=data)
+        return int(view.id)
+
+    def _parallel(self, fn, items: list) -> None:
+        if not items:
+            return
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for _ in pool.map(fn, items):
+                pass
+
+
+def _task_record(task: dict[str, Any]) -> TaskRecord:
+    annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    return TaskRecord(id=int(task["id"]), data=task.get("data") or {}, meta=task.get("meta") or {},
+                      annotations=annotations, predictions=task.get("predictions") or [])

@@ -1,0 +1,144 @@
+"""The HTTP side of the ML backend protocol Label Studio 1.23 speaks, as a Flask app.
+
+Routes: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook`` (Label Studio's own), plus
+``GET /status?project=ID`` (pre-labelling progress and the last run) and ``GET /metrics`` (request counts
+and timings). With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set, every route asks for them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from backend.studio.labelconfig import LabelConfigError
+from backend.studio.service import HCCService
+
+log = logging.getLogger(__name__)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.predicted_tasks = 0
+
+    def record(self, route: str, seconds: float) -> None:
+        with self._lock:
+            self.counts[route] = self.counts.get(route, 0) + 1
+            self.seconds[route] = self.seconds.get(route, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": dict(self.counts), "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                    "predicted_tasks": self.predicted_tasks}
+
+
+def _error(message: str, status: int) -> tuple[Response, int]:
+    return jsonify({"status": "error", "error": message}), status
+
+
+def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
+    """``model_class(project_id, label_config, service=...)`` builds the per-request model (see model.py)."""
+    app = Flask("label-studio-hcc")
+    app.json.sort_keys = False
+    metrics = _Metrics()
+    settings = service.settings
+
+    @app.before_request
+    def _auth():
+        request.environ["hcc.t0"] = time.perf_counter()
+        user, password = settings.basic_auth_user, settings.basic_auth_pass
+        if not user:
+            return None
+        auth = request.authorization
+        ok = auth is not None and hmac.compare_digest(auth.username or "", user) and \
+            hmac.compare_digest(auth.password or "", password)
+        if not ok:
+            return Response("authentication required", 401, {"WWW-Authenticate": 'Basic realm="label-studio-hcc"'})
+        return None
+
+    @app.after_request
+    def _timing(response: Response) -> Response:
+        t0 = request.environ.get("hcc.t0")
+        if t0 is not None:
+            metrics.record(request.path, time.perf_counter() - t0)
+        return response
+
+    def payload() -> dict[str, Any]:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise ValueError("the request body must be a JSON object")
+        return data
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(service.health())
+
+    @app.post("/setup")
+    def setup():
+        try:
+            data = payload()
+            model = model_class(data.get("project"), data.get("schema") or "", service=service)
+            return jsonify(model.setup(data))
+        except (LabelConfigError, ValueError) as exc:
+            log.error("/setup: %s", exc)
+            return _error(str(exc), 400)
+
+    @app.post("/predict")
+    def predict():
+        try:
+            data = payload()
+            tasks = data.get("tasks")
+            if not isinstance(tasks, list) or not tasks:
+                raise ValueError("'tasks' must be a non-empty list of Label Studio tasks")
+            if not all(isinstance(t, dict) for t in tasks):
+                raise ValueError("every item of 'tasks' must be a task object")
+            label_config = data.get("label_config") or ""
+            model = model_class(data.get("project"), label_config, service=service)
+            context = (data.get("params") or {}).get("context")
+            response = model.predict(tasks, context=context)
+        except (LabelConfigError, ValueError) as exc:
+            log.error("/predict: %s", exc)
+            return _error(str(exc), 400)
+        metrics.predicted_tasks += len(tasks)
+        return jsonify(response)
+
+    @app.post("/webhook")
+    def webhook():
+        try:
+            data = payload()
+        except ValueError as exc:
+            return _error(str(exc), 400)
+        project = data.get("project") if isinstance(data.get("project"), dict) else {}
+        model = model_class(project.get("id"), project.get("label_config") or "", service=service)
+        return jsonify(model.fit(data.get("action"), data))
+
+    @app.get("/status")
+    def status():
+        project = request.args.get("project", type=int)
+        if project is None:
+            return _error("give the project id: /status?project=ID", 400)
+        return jsonify(service.status(project))
+
+    @app.get("/metrics")
+    def metrics_route():
+        return jsonify(metrics.as_dict())
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        from werkzeug.exceptions import HTTPException
+
+        if isinstance(exc, HTTPException):
+            return exc
+        log.exception("unhandled error on %s", request.path)
+        return _error(f"{type(exc).__name__}: {exc}", 500)
+
+    return app

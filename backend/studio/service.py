@@ -1,0 +1,320 @@
+"""What the backend does for each Label Studio call: /setup, /predict, /webhook, and the background jobs.
+
+- ``/predict`` labels a batch of tasks at once (one encoder batch, concurrent LLM calls) and answers one
+  prediction per task; a task with bad data gets an empty prediction carrying the error, the others are
+  predicted.
+- ``TASKS_CREATED`` and ``START_TRAINING`` queue a *pre-label* job: rebuild the anchors from every
+  annotation in the project, run the whole pipeline over the unlabelled tasks, write the predictions, then
+  switch the project's ``model_version`` to theirs, write task meta and create the review tab.
+- ``ANNOTATION_CREATED/UPDATED`` and ``ANNOTATIONS_DELETED`` change the anchors at once (well inside the
+  1 s webhook timeout) and queue a *re-vote* job that re-runs DCCA with the stored LLM answers and updates
+  the predictions whose label or score changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from backend.encoder import Encoder
+from backend.studio.client import StudioClient, StudioError, TaskRecord
+from backend.studio.jobs import JobQueue, project_lock
+from backend.studio.labelconfig import LabelConfigError, classification_target
+from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text
+from backend.studio.settings import Settings
+from backend.studio.store import Anchor, ProjectStore
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+PRELABEL_EVENTS = ("TASKS_CREATED", "START_TRAINING")
+
+
+def project_id_of(value: Any) -> int:
+    """Label Studio names projects as ``{id}.{created_at}`` in /predict and /setup, as a dict in webhooks."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    try:
+        return int(str(value).split(".")[0])
+    except (TypeError, ValueError):
+        raise ValueError(f"cannot read a project id from {value!r}") from None
+
+
+class HCCService:
+    """The backend's state in one process: settings, the shared encoder, project models, the job queue."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.settings.model_dir.mkdir(parents=True, exist_ok=True)
+        self._encoder: Encoder | None = None
+        self._models: dict[tuple[int, str], ProjectModel] = {}
+        self._lock = threading.Lock()
+        self._setup_credentials: tuple[str, str] | None = None  # hostname and token /setup sent, in memory only
+        self.jobs = JobQueue()
+        self._health: dict[str, Any] = {"checked": 0.0}
+
+    # -- shared parts ------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Encoder:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = Encoder(self.settings.encoder, cache_dir=self.settings.cache_dir / "embeddings")
+            return self._encoder
+
+    def client(self) -> StudioClient:
+        url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
+        if self._setup_credentials:
+            url = url or self._setup_credentials[0]
+            key = key or self._setup_credentials[1]
+        return StudioClient(url, key)
+
+    def store(self, project_id: int) -> ProjectStore:
+        return ProjectStore(self.settings.project_dir(project_id))
+
+    def model(self, project_id: int, label_config: str) -> ProjectModel:
+        key = (int(project_id), label_config)
+        with self._lock:
+            model = self._models.get(key)
+        if model is None:
+            target = classification_target(label_config, from_name=self.settings.from_name or None)
+            model = ProjectModel(project_id, target, self.settings, self.encoder)
+            with self._lock:
+                model = self._models.setdefault(key, model)
+            model.store.set("label_config", label_config)
+        return model
+
+    # -- /health and /setup ---------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """Quick (Label Studio waits 1 s): the Label Studio check runs in the background, at most once a minute."""
+        if time.time() - self._health["checked"] > 60:
+            self._health["checked"] = time.time()
+            threading.Thread(target=self._check_label_studio, daemon=True).start()
+        studio = {k: v for k, v in self._health.items() if k != "checked"}
+        return {"status": "UP", "model_class": "HCCModel", "model_version": self.settings.model_version,
+                "llm": self.settings.llm_model if self.settings.llm_base_url else None, "label_studio": studio}
+
+    def _check_label_studio(self) -> None:
+        try:
+            client = self.client()
+            user = client.whoami()
+            self._health.update(ok=True, url=client.url, user=user, error=None)
+        except StudioError as exc:
+            log.error("%s", exc)
+            self._health.update(ok=False, error=str(exc))
+
+    def check_label_studio_now(self) -> dict[str, Any]:
+        self._health["checked"] = time.time()
+        self._check_label_studio()
+        return self.health()
+
+    def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if payload.get("hostname") and payload.get("access_token"):
+            self._setup_credentials = (payload["hostname"], payload["access_token"])
+        project_id = project_id_of(payload.get("project"))
+        self.model(project_id, payload.get("schema") or "")  # validates the config: a bad one fails /setup
+        return {"model_version": self.settings.model_version}
+
+    # -- /predict ----------------------------------------------------------------------------------
+    def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
+        project_id = project_id_of(project) if project is not None else int(tasks[0].get("project", 0))
+        model = self.model(project_id, label_config)
+        records, errors = model.label(tasks)
+        results = []
+        for task in tasks:
+            task_id = int(task.get("id", -1))
+            record = records.get(task_id)
+            if record is None or record.get("label") is None:
+                error = errors.get(task_id) or f"task {task_id}: no label (no anchors yet and no valid LLM answer)"
+                log.warning("predict: %s", error)
+                results.append({"result": [], "score": 0.0, "model_version": self.settings.model_version,
+                                "error": error})
+                continue
+            pred = model.prediction(task_id, record)
+            results.append({"result": pred.result, "score": pred.score, "model_version": self.settings.model_version})
+        return results
+
+    # -- /webhook ----------------------------------------------------------------------------------
+    def webhook(self, payload: dict[str, Any]) -> dict[str, Any]:
+        action = payload.get("action")
+        project = payload.get("project")
+        if not isinstance(project, dict) or "id" not in project:
+            return {"status": "ignored", "reason": "no project in the payload"}
+        project_id = int(project["id"])
+        label_config = project.get("label_config") or self.store(project_id).get("label_config", "")
+        try:
+            model = self.model(project_id, label_config)
+        except LabelConfigError as exc:
+            return {"status": "ignored", "reason": str(exc)}
+        if action in ANNOTATION_EVENTS:
+            return self._on_annotation(model, payload)
+        if action == "ANNOTATIONS_DELETED":
+            ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]
+            removed = model.store.remove_anchors(ids)
+            if removed:
+                self.queue_revote(model)
+            return {"status": "ok", "anchors_removed": len(removed)}
+        if action in PRELABEL_EVENTS:
+            if action == "TASKS_CREATED" and not self.settings.prelabel_on_import:
+                return {"status": "ignored", "reason": "HCC_PRELABEL_ON_IMPORT is off"}
+            queued = self.queue_prelabel(model)
+            return {"status": "queued" if queued else "merged", "job": "prelabel"}
+        return {"status": "ignored", "action": action}
+
+    def _on_annotation(self, model: ProjectModel, payload: dict[str, Any]) -> dict[str, Any]:
+        annotation = payload.get("annotation") or {}
+        task = payload.get("task") or {}
+        if "id" not in annotation:
+            return {"status": "ignored", "reason": "no annotation id"}
+        label = annotation_label(annotation, model.target)
+        if label is None:  # skipped, or no choice for this control: it must not stay an anchor
+            removed = model.store.remove_anchors([int(annotation["id"])])
+            if removed:
+                self.queue_revote(model)
+            return {"status": "ok", "anchor": None}
+        try:
+            text = task_text(task, model.target)
+        except TaskDataError as exc:
+            return {"status": "ignored", "reason": str(exc)}
+        model.store.put_anchor(Anchor(int(annotation["id"]), int(task.get("id", annotation.get("task"))), text, label))
+        self.queue_revote(model)
+        return {"status": "ok", "anchor": label}
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def queue_prelabel(self, model: ProjectModel) -> bool:
+        def mark() -> None:
+            if model.store.get("job", {}).get("state") != "running":  # a running job reports its own state
+                model.store.update("job", queued=time.time(), state="queued", kind="prelabel")
+        return self.jobs.submit(f"prelabel:{model.project_id}", lambda: self._run_job(model, "prelabel"),
+                                on_queued=mark)
+
+    def queue_revote(self, model: ProjectModel) -> bool:
+        return self.jobs.submit(f"revote:{model.project_id}", lambda: self._run_job(model, "revote"))
+
+    def status(self, project_id: int) -> dict[str, Any]:
+        store = self.store(project_id)
+        return {"project": project_id, "model_version": self.settings.model_version,
+                "anchors": len(store.anchors()), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
+                "pending_jobs": self.jobs.pending()}
+
+    def _run_job(self, model: ProjectModel, kind: str) -> None:
+        store = model.store
+        with project_lock(store.directory):
+            started = time.time()
+            store.update("job", state="running", kind=kind, started=started, done=0, total=0, step="starting",
+                         error=None)
+            try:
+                summary = self.prelabel(model) if kind == "prelabel" else self.revote(model)
+            except (StudioError, LabelConfigError) as exc:
+                log.error("%s job of project %s failed: %s", kind, model.project_id, exc)
+                store.update("job", state="failed", error=str(exc), finished=time.time())
+                return
+            except Exception as exc:
+                log.exception("%s job of project %s failed", kind, model.project_id)
+                store.update("job", state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+                return
+            summary["seconds"] = round(time.time() - started, 2)
+            store.update("job", state="done", step="done", finished=time.time())
+            store.set("last_run", {"kind": kind, **summary})
+            log.info("project %s: %s done %s", model.project_id, kind, summary)
+
+    def prelabel(self, model: ProjectModel) -> dict[str, Any]:
+        """The whole pipeline over the project's unlabelled tasks (both DCCA rounds), written to Label Studio."""
+        client, store = self.client(), model.store
+        store.update("job", step="reading tasks")
+        tasks = [_as_dict(t) for t in client.tasks(model.project_id)]
+        store.replace_anchors(model.anchors_from_tasks(tasks))  # Label Studio is the source of truth
+        unlabelled = [t for t in tasks if not t["annotations"]]
+        log.info("project %s: %d tasks, %d unlabelled, %d anchors", model.project_id, len(tasks),
+                 len(unlabelled), len(store.anchors()))
+        n_views = len(self.settings.hcc.llm_views) if model.has_llm else 0
+        store.update("job", step="labelling", done=0, total=len(unlabelled) * max(n_views, 1))
+        records, errors = model.label(unlabelled, progress=self._progress(store))
+        for error in errors.values():
+            log.warning("pre-label: %s", error)
+        existing = {t["id"]: t for t in tasks}
+        written = self._write(model, client, records, existing)
+        stages: dict[str, int] = {}
+        for rec in records.values():
+            stages[rec["stage"]] = stages.get(rec["stage"], 0) + 1
+        n_cons = stages.get("consistent", 0)
+        return {"tasks": len(tasks), "labelled": len(records), "errors": list(errors.values())[:20],
+                "n_errors": len(errors), "anchors": len(store.anchors()), "stages": stages,
+                "cai": round(n_cons / (len(records) - n_cons + 1e-6), 4) if model.has_llm else None,
+                "needs_review": written["needs_review"], "predictions_written": written["written"]}
+
+    def revote(self, model: ProjectModel) -> dict[str, Any]:
+        """Re-vote the stored items after the anchors changed; label tasks that just lost their anchor."""
+        store = model.store
+        store.update("job", step="re-voting")
+        anchored = store.anchored_tasks()
+        items = {t: r for t, r in store.items().items() if t not in anchored and r.get("label") is not None}
+        fresh = model.revote(items)
+        client = self.client()
+        written = self._write(model, client, fresh, None)
+        return {"revoted": len(fresh), "anchors": len(store.anchors()), "updated": written["written"],
+                "needs_review": written["needs_review"]}
+
+    def _progress(self, store: ProjectStore):
+        done = [0]
+        last = [0.0]
+
+        def tick(view: str, n: int) -> None:
+            done[0] += n
+            if time.time() - last[0] > 1.0:  # a status write per second, not per call
+                last[0] = time.time()
+                store.update("job", step=f"LLM {view}", done=done[0])
+        return tick
+
+    def _write(self, model: ProjectModel, client: StudioClient, records: dict[int, dict],
+               tasks: dict[int, dict] | None) -> dict[str, int]:
+        """Create or update predictions whose content changed, switch model_version, meta, review tab."""
+        store, version = model.store, self.settings.model_version
+        known = store.written()
+        new, updates, metas, marks = [], {}, {}, {}
+        needs_review = 0
+        for task_id, record in records.items():
+            if record.get("label") is None:
+                continue
+            pred = model.prediction(task_id, record)
+            needs_review += pred.needs_review
+            pid, before = known.get(task_id, (None, None))
+            if pid is None:  # e.g. Label Studio stored it from a /predict answer
+                pid = _our_prediction(tasks.get(task_id), version) if tasks is not None else \
+                    client.prediction_id(task_id, version)
+            if before == pred.written() and pid is not None:
+                continue
+            if pid is None:
+                new.append({"task": task_id, "result": pred.result, "score": pred.score, "model_version": version})
+            else:
+                updates[pid] = {"result": pred.result, "score": pred.score}
+            old_meta = (tasks or {}).get(task_id, {}).get("meta") or {}
+            metas[task_id] = {**old_meta, **pred.meta(record)}
+            marks[task_id] = (pid, pred.written())
+        store.update("job", step="writing predictions", done=0, total=len(new) + len(updates))
+        client.import_predictions(model.project_id, new)
+        client.update_predictions(updates)
+        if new:  # the bulk import does not return ids: read them back once
+            ids = client.prediction_ids(model.project_id, version)
+            marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in marks.items()}
+        store.mark_written(marks)
+        # Only now: Label Studio refuses a model_version no prediction carries yet.
+        if new or updates:
+            client.set_model_version(model.project_id, version)
+            client.ensure_review_tab(model.project_id, threshold=self.settings.review_threshold)
+        store.update("job", step="writing task meta", done=0, total=len(metas))
+        client.update_meta(metas, merge=tasks is None)  # without a fresh listing, keep others' meta keys
+        return {"written": len(new) + len(updates), "needs_review": needs_review}
+
+
+def _as_dict(task: TaskRecord) -> dict[str, Any]:
+    return {"id": task.id, "data": task.data, "meta": task.meta, "annotations": task.annotations,
+            "predictions": task.predictions}
+
+
+def _our_prediction(task: dict | None, version: str) -> int | None:
+    if not task:
+        return None
+    ids = [int(p["id"]) for p in task.get("predictions") or [] if p.get("model_version") == version]
+    return max(ids) if ids else None

@@ -1,0 +1,94 @@
+"""The backend's settings, read from the environment variables Label Studio ML backend users know.
+
+| variable | meaning | default |
+|---|---|---|
+| ``LABEL_STUDIO_URL`` | where Label Studio answers (predictions are written there) | the ``hostname`` /setup sends |
+| ``LABEL_STUDIO_API_KEY`` | legacy token or personal access token | the token /setup sends |
+| ``MODEL_DIR`` | per-project state, embedding and LLM caches | ``./model_dir`` |
+| ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` | protect the backend's endpoints | off |
+| ``LOG_LEVEL`` | logging level | ``INFO`` |
+| ``HCC_LLM_BASE_URL`` | OpenAI-compatible endpoint; empty = encoder only | empty |
+| ``HCC_LLM_MODEL`` / ``HCC_LLM_API_KEY`` | model name and key for that endpoint | ``local`` / none |
+| ``HCC_LLM_STRUCTURED`` | how answers are held to the label set (see ``hcc annotate --help``) | ``auto`` |
+| ``HCC_LLM_CONCURRENCY`` | parallel LLM requests | ``4`` |
+| ``HCC_LLM_LOGPROBS`` | ask for token logprobs (``0`` is faster) | ``1`` |
+| ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
+| ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
+| ``HCC_REVIEW_THRESHOLD`` | predictions scoring below it are flagged for review | ``0.5`` |
+| ``HCC_PRELABEL_ON_IMPORT`` | run the pipeline when tasks are imported | ``1`` |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from backend import __version__
+from backend.encoder import DEFAULT_ENCODER
+from backend.hcc import HCCConfig
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class Settings:
+    label_studio_url: str = ""
+    label_studio_api_key: str = field(default="", repr=False)
+    model_dir: Path = Path("model_dir")
+    basic_auth_user: str = ""
+    basic_auth_pass: str = field(default="", repr=False)
+    llm_base_url: str = ""
+    llm_model: str = "local"
+    llm_api_key: str = field(default="", repr=False)
+    llm_structured: str = "auto"
+    llm_concurrency: int = 4
+    llm_logprobs: bool = True
+    encoder: str = DEFAULT_ENCODER
+    from_name: str = ""
+    review_threshold: float = 0.5
+    prelabel_on_import: bool = True
+    hcc: HCCConfig = field(default_factory=HCCConfig)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        return cls(
+            label_studio_url=env("LABEL_STUDIO_URL", "") or env("LABEL_STUDIO_HOST", ""),
+            label_studio_api_key=env("LABEL_STUDIO_API_KEY", ""),
+            model_dir=Path(env("MODEL_DIR", "") or "model_dir"),
+            basic_auth_user=env("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env("BASIC_AUTH_PASS", ""),
+            llm_base_url=env("HCC_LLM_BASE_URL", ""),
+            llm_model=env("HCC_LLM_MODEL", "") or "local",
+            llm_api_key=env("HCC_LLM_API_KEY", "") or env("OPENAI_API_KEY", ""),
+            llm_structured=env("HCC_LLM_STRUCTURED", "") or "auto",
+            llm_concurrency=int(env("HCC_LLM_CONCURRENCY", "") or 4),
+            llm_logprobs=_flag("HCC_LLM_LOGPROBS", True),
+            encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
+            from_name=env("HCC_FROM_NAME", ""),
+            review_threshold=float(env("HCC_REVIEW_THRESHOLD", "") or 0.5),
+            prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
+        )
+
+    @property
+    def model_version(self) -> str:
+        """Stable for one configuration, so Label Studio's score column keeps matching after updates."""
+        identity = {"encoder": self.encoder, "llm": self.llm_model if self.llm_base_url else None,
+                    "structured": self.llm_structured, "hcc": asdict(self.hcc)}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"hcc-{__version__}-{digest}"
+
+    def project_dir(self, project_id: int) -> Path:
+        return self.model_dir / "projects" / str(int(project_id))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.model_dir / "cache"

@@ -1,0 +1,198 @@
+"""Per-project state under ``MODEL_DIR``: anchors, the last HCC record of every task, settings, job status.
+
+One SQLite file per project (WAL mode, busy timeout) so several gunicorn workers and the background job
+threads can read and write at once without losing a write. Every change to the anchors bumps a revision
+counter; a worker compares it with the revision its in-memory index was built from.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS anchors (
+    annotation_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    label TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS anchors_task ON anchors(task_id);
+CREATE TABLE IF NOT EXISTS items (
+    task_id INTEGER PRIMARY KEY,
+    record TEXT NOT NULL,
+    prediction_id INTEGER,
+    written TEXT,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+_TIMEOUT = 30.0  # seconds a connection waits for another worker's write lock
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the connection to WAL mode, waiting for other processes like every other statement does.
+
+    SQLite answers this pragma "database is locked" at once, without the busy timeout, while another process
+    opens or writes the file: two gunicorn workers touching one project at the same moment would fail a request.
+    """
+    deadline = time.monotonic() + _TIMEOUT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    annotation_id: int
+    task_id: int
+    text: str
+    label: str
+
+
+class ProjectStore:
+    """The state of one Label Studio project, in ``<MODEL_DIR>/projects/<id>/state.sqlite``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "state.sqlite"
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)  # executescript commits on its own: not inside _tx
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=_TIMEOUT, isolation_level=None)
+            _use_wal(db)
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks between workers
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- anchors -----------------------------------------------------------------------------------
+    def put_anchor(self, anchor: Anchor) -> None:
+        """Add or replace the anchor of one annotation (an update may change its label)."""
+        with self._tx() as db:
+            row = db.execute("SELECT task_id, text, label FROM anchors WHERE annotation_id = ?",
+                             (anchor.annotation_id,)).fetchone()
+            if row == (anchor.task_id, anchor.text, anchor.label):
+                return  # unchanged (e.g. an update of another field): a bump would make every worker rebuild
+            db.execute(
+                "INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?, ?)",
+                (anchor.annotation_id, anchor.task_id, anchor.text, anchor.label, time.time()),
+            )
+            self._bump(db)
+
+    def remove_anchors(self, annotation_ids: Iterable[int]) -> list[Anchor]:
+        """Drop the anchors of these annotations; returns the ones that existed."""
+        ids = [int(i) for i in annotation_ids]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._tx() as db:
+            query = f"SELECT annotation_id, task_id, text, label FROM anchors WHERE annotation_id IN ({marks})"
+            rows = db.execute(query, ids).fetchall()
+            db.execute(f"DELETE FROM anchors WHERE annotation_id IN ({marks})", ids)
+            if rows:
+                self._bump(db)
+        return [Anchor(*row) for row in rows]
+
+    def replace_anchors(self, anchors: Iterable[Anchor]) -> None:
+        """Make the anchors exactly these (a rebuild from Label Studio, the source of truth)."""
+        rows = [(a.annotation_id, a.task_id, a.text, a.label, time.time()) for a in anchors]
+        wanted = {row[:4] for row in {row[0]: row for row in rows}.values()}  # the last of a repeated id wins
+        with self._tx() as db:
+            current = set(db.execute("SELECT annotation_id, task_id, text, label FROM anchors"))
+            if current == wanted:
+                return  # every pre-label job rebuilds the anchors: most of the time nothing changed
+            db.execute("DELETE FROM anchors")
+            db.executemany("INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?, ?)", rows)
+            self._bump(db)
+
+    def anchors(self) -> list[Anchor]:
+        rows = self._db().execute("SELECT annotation_id, task_id, text, label FROM anchors ORDER BY annotation_id")
+        return [Anchor(*row) for row in rows]
+
+    def anchored_tasks(self) -> set[int]:
+        return {row[0] for row in self._db().execute("SELECT DISTINCT task_id FROM anchors")}
+
+    def revision(self) -> int:
+        return int(self.get("anchor_revision", 0))
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT value FROM kv WHERE key = 'anchor_revision'").fetchone()
+        value = int(json.loads(row[0])) + 1 if row else 1
+        db.execute("INSERT OR REPLACE INTO kv VALUES ('anchor_revision', ?)", (json.dumps(value),))
+
+    # -- items: the last HCC record per task ----------------------------------------------------------
+    def put_items(self, records: dict[int, dict[str, Any]]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO items (task_id, record, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(task_id) DO UPDATE SET record = excluded.record, updated = excluded.updated",
+                [(int(t), json.dumps(r), now) for t, r in records.items()],
+            )
+
+    def items(self) -> dict[int, dict[str, Any]]:
+        rows = self._db().execute("SELECT task_id, record FROM items ORDER BY task_id")
+        return {task_id: json.loads(record) for task_id, record in rows}
+
+    def delete_items(self, task_ids: Iterable[int]) -> None:
+        with self._tx() as db:
+            db.executemany("DELETE FROM items WHERE task_id = ?", [(int(t),) for t in task_ids])
+
+    def written(self) -> dict[int, tuple[int | None, dict[str, Any] | None]]:
+        """task -> (Label Studio prediction id, the prediction as last written)."""
+        rows = self._db().execute("SELECT task_id, prediction_id, written FROM items")
+        return {t: (pid, json.loads(w) if w else None) for t, pid, w in rows}
+
+    def mark_written(self, entries: dict[int, tuple[int | None, dict[str, Any]]]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE items SET prediction_id = ?, written = ? WHERE task_id = ?",
+                [(pid, json.dumps(pred), int(t)) for t, (pid, pred) in entries.items()],
+            )
+
+    # -- settings and status ----------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._db().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set(self, key: str, value: Any) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+
+    def update(self, key: str, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into the dict stored at ``key`` atomically; returns the new dict."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+            value = {**(json.loads(row[0]) if row else {}), **fields}
+            db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+        return value
