@@ -34,11 +34,11 @@ a,I can't remember the PIN for my card,forgot_pin
 """
 
 
-def run_hcc(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run_hcc(*args: str, cwd: Path, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HCC_CACHE_DIR=str(cwd / "cache"), PYTHONPATH=str(ROOT))
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_annotate_with_a_real_llm_server_then_rerun_from_cache(files: Path, llm_
 
 
 def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
-    proc = run_hcc("demo", "--no-llm", "--items", "30", "--workdir", "run", cwd=tmp_path)
+    proc = run_hcc("demo", "--offline", "--no-llm", "--items", "30", "--workdir", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "encoder (anchors)" in proc.stdout and "stage encoder_only" in proc.stdout
     assert len((tmp_path / "run" / "annotations.jsonl").read_text().splitlines()) == 30
@@ -142,7 +142,8 @@ def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
 
 @pytest.mark.llm
 def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
-    proc = run_hcc("demo", "--items", "8", "--workdir", "run", "--llm-base-url", llm_server, cwd=tmp_path)
+    proc = run_hcc("demo", "--offline", "--items", "8", "--workdir", "run", "--llm-base-url", llm_server,
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for line in ("LLM zero-shot", "LLM hinted", "HCC final", "CAI before"):
         assert line in proc.stdout
@@ -166,3 +167,21 @@ def test_label_descriptions_and_seed_reach_the_llm(files: Path, fault_server: Fa
     # The server says forgot_pin for everything: only the PIN question is consistent.
     assert [r["stage"] for r in rows][3] == "consistent"
     assert rows[0]["llm_zero_shot"] == "forgot_pin" and rows[0]["stage"] != "consistent"
+
+
+@pytest.mark.llm
+def test_main_job_prelabels_a_project_and_stops(tmp_path: Path, llm_server: str, label_studio: dict) -> None:
+    """`hcc demo` (the README's main command) on the bundled sample, against the session's Label Studio
+    (starting Label Studio itself is the same code, exercised by the `label_studio` fixture)."""
+    env = {"HCC_DATA_DIR": str(tmp_path / "no-shared-data")}  # force the sample the project ships
+    proc = run_hcc("demo", "--items", "5", "--workdir", "run", "--llm-base-url", llm_server, "--backend-port", "0",
+                   "--label-studio-url", label_studio["url"], "--api-key", label_studio["token"],
+                   "--exit-when-done", "--timeout", "400", cwd=tmp_path, env_extra=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["tasks_labelled"] == 5 and summary["anchors"] > 0
+    assert summary["cai"] is not None and 0 <= summary["needs_review"] <= 5
+    assert 0 <= summary["accuracy"] <= 1
+    assert summary["label_studio"] == label_studio["url"]
+    assert "api_key" not in summary and "Needs review" in proc.stdout
+    assert (tmp_path / "run" / "backend.log").exists()

@@ -250,3 +250,19 @@ def test_health_answers_even_without_label_studio(tmp_path):
         assert "cannot reach Label Studio" in health["label_studio"]["error"]
     finally:
         backend.stop()
+
+
+def test_an_empty_model_dir_is_rebuilt_from_label_studio(world, tmp_path):
+    config = world["ls"].projects.get(id=world["project"]).label_config
+    task = next(t for t in _tasks(world).values() if not t["annotations"])
+    env = {**world["env"], "MODEL_DIR": str(tmp_path / "empty")}
+    fresh = BackendProcess(env, tmp_path / "backend.log")
+    try:
+        body = {"tasks": [{"id": task["id"], "data": task["data"]}], "project": f"{world['project']}.0",
+                "label_config": config}
+        result = requests.post(f"{fresh.url}/predict", json=body, timeout=120).json()["results"][0]
+        assert _label(result) in world["labels"]
+        status = requests.get(f"{fresh.url}/status", params={"project": world["project"]}, timeout=5).json()
+        assert status["anchors"] == world["n_anchors"]
+    finally:
+        fresh.stop()

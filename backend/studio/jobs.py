@@ -50,10 +50,12 @@ class JobQueue:
         with self._lock:
             if key in self._waiting:
                 return False
+            if on_queued is not None:
+                # Before registering the key: if it raises, nothing is left waiting for a job never queued
+                # (every later submit of the key would be merged into it and wait_idle would never return).
+                on_queued()
             self._waiting.add(key)
             self._idle.clear()
-            if on_queued is not None:
-                on_queued()
         self._queue.put((key, job))
         return True
 

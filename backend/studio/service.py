@@ -120,6 +120,7 @@ class HCCService:
     def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
         project_id = project_id_of(project) if project is not None else int(tasks[0].get("project", 0))
         model = self.model(project_id, label_config)
+        self._ensure_anchors(model)
         records, errors = model.label(tasks)
         results = []
         for task in tasks:
@@ -134,6 +135,20 @@ class HCCService:
             pred = model.prediction(task_id, record)
             results.append({"result": pred.result, "score": pred.score, "model_version": self.settings.model_version})
         return results
+
+    def _ensure_anchors(self, model: ProjectModel) -> None:
+        """An empty MODEL_DIR (new volume, lost disk) is rebuilt from the project's annotations once."""
+        if model.store.get("anchors_synced") is not None:
+            return
+        try:
+            tasks = [_as_dict(t) for t in self.client().tasks(model.project_id)]
+        except StudioError as exc:
+            log.warning("project %s: cannot rebuild the anchors from Label Studio (%s); predicting with the %d "
+                        "anchors on disk", model.project_id, exc, len(model.store.anchors()))
+            return
+        model.store.replace_anchors(model.anchors_from_tasks(tasks))
+        model.store.set("anchors_synced", time.time())
+        log.info("project %s: %d anchors rebuilt from Label Studio", model.project_id, len(model.store.anchors()))
 
     # -- /webhook ----------------------------------------------------------------------------------
     def webhook(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +240,7 @@ class HCCService:
         store.update("job", step="reading tasks")
         tasks = [_as_dict(t) for t in client.tasks(model.project_id)]
         store.replace_anchors(model.anchors_from_tasks(tasks))  # Label Studio is the source of truth
+        store.set("anchors_synced", time.time())
         unlabelled = [t for t in tasks if not t["annotations"]]
         log.info("project %s: %d tasks, %d unlabelled, %d anchors", model.project_id, len(tasks),
                  len(unlabelled), len(store.anchors()))

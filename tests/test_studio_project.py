@@ -1,0 +1,278 @@
+"""One project seen by the engine: task texts, annotation labels, review scores and re-votes without the LLM.
+
+The pipeline, the project model and the SQLite store are the real ones. Only the two expensive dependencies
+are replaced: the encoder maps known texts to hand-placed 2-D unit vectors (the real MiniLM takes ~20 s to
+load on a shared CI box) and the LLM answers from a script while counting its calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend.data import MAX_TEXT_CHARS
+from backend.llm import LLMAnswer, LLMStats
+from backend.studio.labelconfig import ChoicesTarget
+from backend.studio.project import (
+    NOT_FLAGGED,
+    ProjectModel,
+    TaskDataError,
+    annotation_label,
+    review_score,
+    stored_answers,
+    task_text,
+)
+from backend.studio.settings import Settings
+from backend.studio.store import Anchor
+
+LABELS = ("positive", "negative", "neutral")
+TARGET = ChoicesTarget(from_name="sentiment", to_name="review", value_key="body", labels=LABELS)
+
+
+def task(task_id: int, data: Any = None, **fields: Any) -> dict[str, Any]:
+    return {"id": task_id, "data": data, **fields}
+
+
+def choice(*labels: str, from_name: str = "sentiment", **annotation: Any) -> dict[str, Any]:
+    """A Label Studio annotation choosing ``labels`` in the control ``from_name``."""
+    region = {"from_name": from_name, "to_name": "review", "type": "choices", "value": {"choices": list(labels)}}
+    return {"id": annotation.pop("id", 1), "result": [region], **annotation}
+
+
+# -- task_text ---------------------------------------------------------------------------------------
+
+
+def test_task_text_returns_the_configured_field() -> None:
+    assert task_text(task(1, {"body": "it broke", "title": "x"}), TARGET) == "it broke"
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"title": "no body here"}, ["'body'", "missing", "$body"]),
+        ({"body": 42}, ["'body'", "string", "int"]),
+        ({"body": None}, ["'body'", "string", "NoneType"]),
+        ({"body": "  \n "}, ["'body'", "empty"]),
+    ],
+    ids=["missing", "number", "null", "blank"],
+)
+def test_task_text_errors_name_the_task_and_the_field(data: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(TaskDataError) as err:
+        task_text(task(4711, data), TARGET)
+    message = str(err.value)
+    assert "task 4711" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("data", [None, "just a string", ["body"]], ids=["none", "string", "list"])
+def test_task_without_a_data_object_is_refused(data: Any) -> None:
+    with pytest.raises(TaskDataError) as err:
+        task_text(task(9, data), TARGET)
+    assert "task 9" in str(err.value) and "'data'" in str(err.value)
+
+
+def test_task_data_error_is_a_value_error() -> None:
+    assert issubclass(TaskDataError, ValueError)
+
+
+def test_long_text_is_cut_to_the_engine_limit() -> None:
+    long_text = "".join(chr(ord("a") + i % 26) for i in range(MAX_TEXT_CHARS + 500))
+    text = task_text(task(1, {"body": long_text}), TARGET)
+    assert len(text) == MAX_TEXT_CHARS
+    assert long_text.startswith(text)
+    short = long_text[: MAX_TEXT_CHARS - 1]
+    assert task_text(task(2, {"body": short}), TARGET) == short  # below the limit: untouched
+
+
+# -- annotation_label ----------------------------------------------------------------------------------
+
+
+def test_annotation_label_reads_the_single_choice_of_the_control() -> None:
+    assert annotation_label(choice("negative"), TARGET) == "negative"
+
+
+def test_cancelled_annotation_is_no_label() -> None:
+    assert annotation_label(choice("negative", was_cancelled=True), TARGET) is None
+
+
+def test_only_the_targets_control_counts() -> None:
+    assert annotation_label(choice("negative", from_name="topic"), TARGET) is None
+    # A second control in the same annotation is skipped, the target's choice is found after it.
+    both = choice("price", from_name="topic")
+    both["result"].append(choice("positive")["result"][0])
+    assert annotation_label(both, TARGET) == "positive"
+
+
+def test_unknown_label_is_no_label_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="backend.studio.project"):
+        assert annotation_label(choice("furious", id=77), TARGET) is None
+    assert any("77" in r.getMessage() and "furious" in r.getMessage() for r in caplog.records)
+
+
+def test_several_choices_are_no_label() -> None:
+    # A single-choice control edited into a multi-choice one: two labels cannot be one anchor.
+    assert annotation_label(choice("positive", "negative"), TARGET) is None
+
+
+@pytest.mark.parametrize("annotation", [{"id": 1}, {"id": 1, "result": None}, {"id": 1, "result": []},
+                                        {"id": 1, "result": [{"from_name": "sentiment", "value": {}}]}])
+def test_annotation_without_a_choice_is_no_label(annotation: dict[str, Any]) -> None:
+    assert annotation_label(annotation, TARGET) is None
+
+
+# -- review_score --------------------------------------------------------------------------------------
+
+FLAGGED_STAGES = ("round1", "round2", "unresolved", "skipped", None)
+SCORES = [i / 1000 for i in range(1001)] + [0.49999, 0.99999, 0.999999]
+
+
+@pytest.mark.parametrize("stage", NOT_FLAGGED)
+def test_review_score_of_agreeing_views_is_at_least_one_half(stage: str) -> None:
+    assert min(review_score({"stage": stage, "score": s}) for s in SCORES) >= 0.5
+    assert review_score({"stage": stage, "score": None}) >= 0.5  # a missing score is no reason to review
+
+
+@pytest.mark.parametrize("stage", FLAGGED_STAGES)
+def test_review_score_of_disagreeing_views_is_below_one_half(stage: str | None) -> None:
+    assert max(review_score({"stage": stage, "score": s}) for s in SCORES) < 0.5
+
+
+@pytest.mark.parametrize("stage", NOT_FLAGGED + FLAGGED_STAGES)
+def test_review_score_is_monotone_in_the_record_score(stage: str | None) -> None:
+    """Label Studio sorts the review tab by it: better supported items must never sort below worse ones."""
+    values = [review_score({"stage": stage, "score": s}) for s in sorted(SCORES)]
+    assert all(a <= b for a, b in pairwise(values))
+    assert values[-1] > values[0]  # and it does follow the score, it is not a constant
+
+
+# -- a project model on the real pipeline ----------------------------------------------------------------
+
+ANGLES = {
+    # anchors: two per class
+    "great product": 0, "love it": 10, "awful": 120, "broken on arrival": 130, "it is a box": 240,
+    "arrived on tuesday": 250,
+    # items to label
+    "nice": 5, "terrible": 125, "meh": 200, "hm": 60, "so so": 245,
+}
+ANCHOR_TEXTS = {"great product": "positive", "love it": "positive", "awful": "negative",
+                "broken on arrival": "negative", "it is a box": "neutral", "arrived on tuesday": "neutral"}
+
+
+class AngleEncoder:
+    """The pipeline's encoder dependency: each known text is a unit vector at a fixed angle."""
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 2), np.float32)
+        rad = [math.radians(ANGLES[t]) for t in texts]
+        return np.array([[math.cos(r), math.sin(r)] for r in rad], dtype=np.float32)
+
+
+def ok(label: str, probability: float | None = 0.9) -> LLMAnswer:
+    return LLMAnswer(label=label, valid=True, raw=label, probability=probability)
+
+
+# Per text, the answer of each view: agreeing, disagreeing, off the label set, failed, without logprobs.
+SCRIPT: dict[str, dict[str, LLMAnswer]] = {
+    "nice": {"zero_shot": ok("positive"), "hinted": ok("positive", 0.97)},
+    "terrible": {"zero_shot": ok("negative", 0.6), "hinted": ok("negative")},
+    "meh": {"zero_shot": ok("negative", 0.4), "hinted": ok("neutral", 0.55)},
+    "hm": {"zero_shot": LLMAnswer(label=None, valid=False, raw="banana", probability=None),
+           "hinted": LLMAnswer(label=None, valid=False, error="APITimeoutError: timed out")},
+    "so so": {"zero_shot": ok("neutral", None), "hinted": ok("neutral", None)},
+}
+
+
+class ScriptedLLM:
+    """The pipeline's LLM dependency: scripted answers per text and view, every call counted."""
+
+    def __init__(self) -> None:
+        self.stats = LLMStats()
+        self.calls = 0
+
+    def zero_shot(self, texts: Sequence[str], *, progress: Any = None) -> list[LLMAnswer]:
+        self.calls += 1
+        return [SCRIPT[t]["zero_shot"] for t in texts]
+
+    def hinted(self, texts: Sequence[str], hints: Sequence[str], *, progress: Any = None) -> list[LLMAnswer]:
+        self.calls += 1
+        return [SCRIPT[t]["hinted"] for t in texts]
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> ProjectModel:
+    settings = Settings(model_dir=tmp_path)  # no HCC_LLM_BASE_URL: the scripted LLM is plugged in below
+    project = ProjectModel(5, TARGET, settings, AngleEncoder())
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    project.pipeline.llm = ScriptedLLM()
+    return project
+
+
+def item_tasks() -> list[dict[str, Any]]:
+    return [task(10 + i, {"body": text}) for i, text in enumerate(SCRIPT)]
+
+
+def test_label_stores_records_and_reports_bad_tasks(model: ProjectModel) -> None:
+    records, errors = model.label(item_tasks() + [task(99, {"text": "wrong key"})])
+    assert sorted(records) == [10 + i for i in range(len(SCRIPT))]
+    assert list(errors) == [99] and "task 99" in errors[99] and "'body'" in errors[99]
+    assert model.store.items() == records  # what a re-vote in another worker will read back
+    stages = {r["stage"] for r in records.values()}
+    # The script must exercise both sides of the review split, or the checks below prove little.
+    assert stages & set(NOT_FLAGGED) and stages - set(NOT_FLAGGED)
+    for task_id, record in records.items():
+        pred = model.prediction(task_id, record)
+        assert pred.needs_review == (record["stage"] not in NOT_FLAGGED)  # default threshold 0.5
+        assert pred.result == [{"from_name": "sentiment", "to_name": "review", "type": "choices",
+                                "value": {"choices": [record["label"]]}}]
+
+
+def test_stored_answers_round_trip_the_llm_answers(model: ProjectModel) -> None:
+    records, _ = model.label(item_tasks())
+    stored = model.store.items()  # through SQLite and JSON, as a re-vote gets them
+    ids = sorted(stored)
+    views = model.settings.hcc.llm_views
+    answers = stored_answers([stored[t] for t in ids], views)
+    assert set(answers) == set(views)
+    for view in views:
+        for t, got in zip(ids, answers[view], strict=True):
+            original = SCRIPT[stored[t]["text"]][view]
+            assert isinstance(got, LLMAnswer)
+            assert (got.label, got.valid, got.probability, got.error) == \
+                (original.label, original.valid, original.probability, original.error)
+            assert got.cached  # it did not come from the LLM this time
+            if not original.valid:  # the raw text is kept for the answers that missed the label set
+                assert got.raw == original.raw
+
+
+def test_revote_reproduces_the_labels_without_calling_the_llm(model: ProjectModel) -> None:
+    records, _ = model.label(item_tasks())
+    calls = model.pipeline.llm.calls
+    assert calls > 0
+    fresh = model.revote(model.store.items())
+    assert model.pipeline.llm.calls == calls
+    assert fresh == records  # same anchors, same answers: the same records
+
+
+def test_anchors_from_tasks_keeps_only_usable_annotations(model: ProjectModel, caplog) -> None:
+    tasks = [
+        task(1, {"body": "nice"}, annotations=[choice("positive", id=11)]),
+        task(2, {"body": "meh"}, annotations=[choice("neutral", id=21, was_cancelled=True),
+                                              choice("negative", id=22)]),
+        task(3, {"title": "no body"}, annotations=[choice("negative", id=31)]),  # bad data: logged, skipped
+        task(4, {"body": "hm"}, annotations=[choice("furious", id=41)]),  # not in the label set
+        task(5, {"body": "so so"}),  # not annotated
+    ]
+    with caplog.at_level(logging.WARNING, logger="backend.studio.project"):
+        anchors = model.anchors_from_tasks(tasks)
+    assert anchors == [Anchor(11, 1, "nice", "positive"), Anchor(22, 2, "meh", "negative")]
+    assert any("31" in r.getMessage() and "task 3" in r.getMessage() for r in caplog.records)
