@@ -109,6 +109,29 @@ def _centroid_scores(queries, anchors, anchor_labels, present) -> np.ndarray:
     return queries @ centroids.T.astype(np.float32)
 
 
+def nearest_of_label(
+    queries: np.ndarray, anchors: np.ndarray, anchor_labels: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Cosine of each query to its nearest anchor that carries ``labels[i]``; ``-inf`` when none does.
+
+    A label backed by a close human example is more often right than one backed only by a class mean.
+    """
+    queries = _ensure_2d(queries)
+    labels = np.asarray(labels, dtype=np.int64)
+    anchor_labels = np.asarray(anchor_labels, dtype=np.int64)
+    if len(labels) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(labels)} labels")
+    out = np.full(len(queries), -np.inf, dtype=np.float32)
+    if len(anchor_labels) == 0 or len(queries) == 0:
+        return out
+    anchors = _ensure_2d(anchors)
+    for start in range(0, len(queries), _CHUNK):
+        sims = queries[start : start + _CHUNK] @ anchors.T
+        same = anchor_labels[None, :] == labels[start : start + _CHUNK, None]
+        out[start : start + _CHUNK] = np.where(same, sims, -np.inf).max(axis=1)
+    return out
+
+
 def knn_vote(
     queries: np.ndarray,
     references: np.ndarray,

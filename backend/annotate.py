@@ -35,6 +35,8 @@ class AnnotateOptions:
     logprobs: bool = True
     structured: str = "auto"
     seed: int = 0
+    self_consistency: int = 0  # k sampled zero-shot answers per item (0: off); see backend/signals.py
+    sc_temperature: float = 0.7
     cache_dir: Path | None = None
     progress: bool = True
     hcc: HCCConfig = field(default_factory=HCCConfig)
@@ -84,6 +86,8 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
     texts = [t[: data.MAX_TEXT_CHARS] for t in table.texts()]
     skip = [not t.strip() for t in texts]
     result = pipeline.annotate(texts, skip=skip, progress=opts.progress)
+    if opts.self_consistency and pipeline.llm is not None:
+        _add_self_consistency(result, pipeline.llm, opts)
     problems_by_row: dict[int, list[str]] = {}
     for problem in table.problems:
         problems_by_row.setdefault(problem.row, []).append(problem.kind)
@@ -97,6 +101,21 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
     if report_path:
         write_json(report_path, report)
     return report
+
+
+def _add_self_consistency(result, llm: LLMAnnotator, opts: AnnotateOptions) -> None:
+    from copy import copy
+
+    from backend.signals import add_self_consistency
+
+    # Samples need no token probabilities, and asking for them doubles a llama.cpp call: a copy of the
+    # annotator (same client, cache and prompts) without them.
+    sampler = copy(llm)
+    sampler.logprobs = False
+    sampler.stats = type(llm.stats)()
+    add_self_consistency(result.records, sampler, k=opts.self_consistency, temperature=opts.sc_temperature)
+    result.report["self_consistency"] = {"k": opts.self_consistency, "temperature": opts.sc_temperature,
+                                         "llm": sampler.stats.as_dict()}
 
 
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""``hcc``: the command line of label-studio-hcc (annotate, evaluate, demo, llm pull/serve)."""
+"""``hcc``: the command line of label-studio-hcc (annotate, evaluate, calibrate, annotators, export-preferences,
+demo, llm pull/serve)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from backend import __version__
+from backend import __version__, cli_comparison
 from backend.anchors import CLASSIFIERS
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
 from backend.encoder import DEFAULT_ENCODER
@@ -57,9 +58,28 @@ def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> 
     g.add_argument("--llm-concurrency", type=int, default=4)
     g.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
     g.add_argument("--no-logprobs", action="store_true", help="do not ask for token logprobs (faster)")
+    g.add_argument("--self-consistency", type=int, default=0, metavar="K",
+                   help="also sample K zero-shot answers at temperature 0.7 per item (a confidence signal for "
+                        "`hcc calibrate`; K more calls per item, cached)")
     g.add_argument("--structured", default="auto", choices=STRUCTURED_MODES,
                    help="how to hold answers to the label set: json_schema (OpenAI, vLLM), json_object "
                         "(llama-cpp-python), grammar (llama.cpp GBNF, fastest), choice (vLLM), none")
+
+
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="calibrated confidence and review flags from the rows a human labelled")
+    p.add_argument("--pred", required=True, help="an `hcc annotate` output (JSONL)")
+    p.add_argument("--human", required=True, help="CSV/JSONL of human labels for some rows: id + label columns "
+                                                  "(or aligned row by row); a blank label = not reviewed")
+    p.add_argument("--out", required=True, help="output JSONL: the rows with confidence, needs_review, review_rank")
+    p.add_argument("--target-precision", type=float, default=0.95,
+                   help="precision the unflagged rows must have; the review threshold follows from it")
+    p.add_argument("--plot", help="write a reliability diagram of the reviewed rows here (PNG)")
+    p.add_argument("--methods", help="candidate calibrators, comma-separated: prior,platt,isotonic,logistic")
+    p.add_argument("--min-pairs", type=int, help="reviewed rows needed before fitting (default 20)")
+    p.add_argument("--save-calibrator", help="write the fitted calibrator here (JSON)")
+    p.add_argument("--label-field")
+    p.add_argument("--id-field")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,14 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gold", required=True, help="CSV/JSONL aligned row by row with the annotated input")
     p.add_argument("--label-field")
 
-    p = sub.add_parser("demo", help="annotate a Banking77 sample end to end on the embedded models")
+    p = sub.add_parser("demo", help="Label Studio + the embedded LLM + this backend on a Banking77 project "
+                                    "(--offline: annotate files only and print the accuracy table)")
+    p.add_argument("--offline", action="store_true", help="no Label Studio: annotate files, print the table")
+    p.add_argument("--port", type=int, default=8080, help="Label Studio's port (a free one if busy; 0: any)")
+    p.add_argument("--backend-port", type=int, default=9090, help="the backend's port (a free one if busy)")
+    p.add_argument("--exit-when-done", action="store_true", help="stop everything once pre-labelling is done")
+    p.add_argument("--label-studio-url", help="use this running Label Studio instead of starting one (with --api-key)")
+    p.add_argument("--api-key", help="its API key (legacy token or personal access token)")
+    p.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for pre-labelling")
     p.add_argument("--items", type=int, default=100, help="test items to annotate")
     p.add_argument("--anchor-share", type=float, default=0.05, help="share of train used as anchors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=DEFAULT_LLM_MODEL, help="embedded LLM (see `hcc llm list`)")
     p.add_argument("--llm-base-url", help="use this OpenAI-compatible server instead of the embedded LLM")
     p.add_argument("--no-llm", action="store_true")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--workdir", type=Path, default=None, help="default: runs/demo (runs/demo-offline)")
     _add_hcc_options(p)
 
     llm = sub.add_parser("llm", help="the embedded local LLM").add_subparsers(dest="llm_command", required=True)
@@ -108,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--prompt-cache", action="store_true", help="keep a RAM cache of prompt prefixes")
+
+    cli_comparison.add_annotators_parser(sub)
+    cli_comparison.add_export_parser(sub)
+    _add_calibrate_parser(sub)
     return parser
 
 
@@ -127,6 +159,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         hcc=_hcc_config(args),
     )
+    opts.self_consistency = args.self_consistency
     report = annotate_files(args.unlabeled, args.anchors, args.out, opts, report_path=args.report)
     print(json.dumps(report))
     return 0
@@ -145,9 +178,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.offline:
+        from backend.studio.demo import run_studio_demo
+
+        summary = run_studio_demo(
+            workdir=args.workdir or Path("runs/demo"), items=args.items, anchor_share=args.anchor_share,
+            seed=args.seed, llm_model=None if args.no_llm else args.model, llm_base_url=args.llm_base_url,
+            port=args.port, backend_port=args.backend_port, exit_when_done=args.exit_when_done, timeout=args.timeout,
+            label_studio_url=args.label_studio_url, api_key=args.api_key)
+        return 0 if summary else 130
     from backend.demo import run_demo
 
-    run_demo(workdir=args.workdir, items=args.items, anchor_share=args.anchor_share, seed=args.seed,
+    run_demo(workdir=args.workdir or Path("runs/demo-offline"), items=args.items, anchor_share=args.anchor_share,
+             seed=args.seed,
              llm_model=None if args.no_llm else args.model, llm_base_url=args.llm_base_url,
              cache_dir=args.cache_dir or cache_dir(), hcc=_hcc_config(args))
     return 0
@@ -168,7 +211,16 @@ def cmd_llm(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"annotate": cmd_annotate, "evaluate": cmd_evaluate, "demo": cmd_demo, "llm": cmd_llm}
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from backend.cli_calibrate import run
+
+    return run(args)
+
+
+COMMANDS = {"annotate": cmd_annotate, "evaluate": cmd_evaluate, "demo": cmd_demo, "llm": cmd_llm,
+            "annotators": cli_comparison.cmd_annotators,
+            "export-preferences": cli_comparison.cmd_export_preferences,
+            "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,6 +145,18 @@ def label_probability(content: str, value: str, token_logprobs: list[tuple[str, 
     return math.exp(total) if used else None
 
 
+def _sampling(temperature: float | None, seed: int | None) -> dict[str, Any]:
+    """Per-call overrides of the request; empty for the defaults, so their cache keys do not change."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    params: dict[str, Any] = {}
+    if temperature is not None:
+        params["temperature"] = float(temperature)
+    if seed is not None:
+        params["seed"] = int(seed)
+    return params
+
+
 def gbnf_choice(options: Sequence[str]) -> str:
     """A llama.cpp GBNF grammar whose only sentences are the given strings."""
     def literal(text: str) -> str:
@@ -208,13 +220,25 @@ class LLMAnnotator:
         self._mode_lock = threading.Lock()
 
     # -- public views ------------------------------------------------------------------------------
-    def zero_shot(self, texts: Sequence[str], *, progress=None) -> list[LLMAnswer]:
+    def zero_shot(
+        self, texts: Sequence[str], *, progress=None, temperature: float | None = None, seed: int | None = None
+    ) -> list[LLMAnswer]:
+        """``temperature`` / ``seed`` override the annotator's for these calls (sampled answers for
+        self-consistency); each (temperature, seed) pair is cached on its own."""
         messages = [prompts.zero_shot_message(t) for t in texts]
-        return self._run(messages, [None] * len(texts), progress)
+        return self._run(messages, [None] * len(texts), progress, _sampling(temperature, seed))
 
-    def hinted(self, texts: Sequence[str], hints: Sequence[str], *, progress=None) -> list[LLMAnswer]:
+    def hinted(
+        self,
+        texts: Sequence[str],
+        hints: Sequence[str],
+        *,
+        progress=None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> list[LLMAnswer]:
         messages = [prompts.hinted_message(t, h) for t, h in zip(texts, hints, strict=True)]
-        return self._run(messages, [None] * len(texts), progress)
+        return self._run(messages, [None] * len(texts), progress, _sampling(temperature, seed))
 
     def few_shot(
         self,
@@ -242,9 +266,11 @@ class LLMAnnotator:
             raise LLMError(f"cannot reach the LLM server at {self.base_url}: {exc}") from exc
 
     # -- machinery ---------------------------------------------------------------------------------
-    def _run(self, user_messages: list[str], enums: list[Sequence[str] | None], progress) -> list[LLMAnswer]:
+    def _run(
+        self, user_messages: list[str], enums: list[Sequence[str] | None], progress, params: dict | None = None
+    ) -> list[LLMAnswer]:
         def one(i: int) -> LLMAnswer:
-            answer = self._answer(user_messages[i], enums[i])
+            answer = self._answer(user_messages[i], enums[i], params)
             if progress is not None:
                 progress()
             return answer
@@ -261,7 +287,9 @@ class LLMAnnotator:
             "required": ["label"],
         }
 
-    def _request(self, user_message: str, enum: Sequence[str] | None, mode: str) -> dict[str, Any]:
+    def _request(
+        self, user_message: str, enum: Sequence[str] | None, mode: str, params: dict | None = None
+    ) -> dict[str, Any]:
         request: dict[str, Any] = {
             "model": self.model,
             "messages": [
@@ -271,6 +299,7 @@ class LLMAnnotator:
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "seed": self.seed,
+            **(params or {}),
         }
         if self.logprobs:
             request["logprobs"] = True
@@ -290,9 +319,9 @@ class LLMAnnotator:
             request["extra_body"] = {"guided_choice": list(enum or self.labels)}
         return request
 
-    def _answer(self, user_message: str, enum: Sequence[str] | None) -> LLMAnswer:
+    def _answer(self, user_message: str, enum: Sequence[str] | None, params: dict | None = None) -> LLMAnswer:
         mode = self.structured if self.structured != "auto" else "json_object"
-        request = self._request(user_message, enum, mode)
+        request = self._request(user_message, enum, mode, params)
         key = request_key(request)
         hit = self.cache.get(key)
         if hit is not None:

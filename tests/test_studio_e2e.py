@@ -116,6 +116,8 @@ def test_import_prelabels_every_unlabelled_task(world):
     tasks = _tasks(world)
     unlabelled = [t for t in tasks.values() if not t["annotations"]]
     assert len(unlabelled) == world["n_tasks"]
+    threshold = _status(world)["last_run"]["review_threshold"]
+    assert 0.0 < threshold <= 1.0
     for task in unlabelled:
         pred = _our_prediction(task, version)
         assert pred is not None, f"task {task['id']} has no prediction"
@@ -123,9 +125,9 @@ def test_import_prelabels_every_unlabelled_task(world):
         assert 0.0 <= pred["score"] <= 1.0
         meta = task["meta"]
         assert meta["hcc_stage"] in ("consistent", "round1", "round2", "unresolved")
-        assert meta["needs_review"] == (pred["score"] < 0.5)
-        assert meta["needs_review"] == (meta["hcc_stage"] != "consistent")
+        assert meta["needs_review"] == (pred["score"] < threshold)
     last = _status(world)["last_run"]
+    assert "no reviewed items yet" in last["scores"]  # calibrated score: the documented prior until reviews
     assert last["anchors"] == world["n_anchors"]
     assert last["labelled"] == world["n_tasks"] and last["cai"] is not None
 
@@ -239,14 +241,20 @@ def test_wrong_api_key_is_reported_in_health_and_the_log(label_studio, tmp_path)
         backend.stop()
 
 
-def test_health_answers_even_without_label_studio(tmp_path):
+def test_health_answers_even_without_label_studio_and_basic_auth_guards_every_route(tmp_path):
     env = {"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "x" * 20,
-           "MODEL_DIR": str(tmp_path / "md"), "HCC_LLM_BASE_URL": ""}
+           "MODEL_DIR": str(tmp_path / "md"), "HCC_LLM_BASE_URL": "", "BASIC_AUTH_USER": "ls",
+           "BASIC_AUTH_PASS": "s3cret-pass"}
     backend = BackendProcess(env, tmp_path / "backend.log")
+    auth = ("ls", "s3cret-pass")
     try:
-        wait_http(f"{backend.url}/health", timeout=5)
-        health = _wait(lambda: (h := requests.get(f"{backend.url}/health", timeout=5).json())["label_studio"]
-                       .get("ok") is False and h, timeout=20, what="the failed check")
+        wait_http(f"{backend.url}/health", timeout=5, auth=auth)
+        for method, route in (("get", "/health"), ("post", "/predict"), ("post", "/webhook"), ("post", "/setup")):
+            assert getattr(requests, method)(f"{backend.url}{route}", timeout=5).status_code == 401
+            assert getattr(requests, method)(f"{backend.url}{route}", auth=("ls", "wrong"), timeout=5).status_code \
+                == 401
+        health = _wait(lambda: (h := requests.get(f"{backend.url}/health", auth=auth, timeout=5).json())
+                       ["label_studio"].get("ok") is False and h, timeout=20, what="the failed check")
         assert "cannot reach Label Studio" in health["label_studio"]["error"]
     finally:
         backend.stop()

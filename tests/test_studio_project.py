@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from backend.calibration import fit_calibrator
 from backend.data import MAX_TEXT_CHARS
 from backend.llm import LLMAnswer, LLMStats
 from backend.studio.labelconfig import ChoicesTarget
@@ -229,11 +230,35 @@ def test_label_stores_records_and_reports_bad_tasks(model: ProjectModel) -> None
     stages = {r["stage"] for r in records.values()}
     # The script must exercise both sides of the review split, or the checks below prove little.
     assert stages & set(NOT_FLAGGED) and stages - set(NOT_FLAGGED)
+    model.settings.calibration = False  # the agreement score: flagged exactly when the views disagreed
+    scores = model.scores(records)
+    assert scores.threshold == 0.5
     for task_id, record in records.items():
-        pred = model.prediction(task_id, record)
-        assert pred.needs_review == (record["stage"] not in NOT_FLAGGED)  # default threshold 0.5
+        pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
+        assert pred.needs_review == (record["stage"] not in NOT_FLAGGED)
         assert pred.result == [{"from_name": "sentiment", "to_name": "review", "type": "choices",
                                 "value": {"choices": [record["label"]]}}]
+
+
+def test_scores_are_the_agreement_score_until_enough_reviews_then_calibrated(model: ProjectModel) -> None:
+    records, _ = model.label(item_tasks())
+    early = model.scores(records)  # no reviews yet: documented fallback, the agreement score
+    assert "no reviewed items yet" in early.message and early.threshold == model.settings.review_threshold
+    assert all(early.values[t] == review_score(r) for t, r in records.items())
+    # Reviews of every predicted task, half of them disagreeing with the prediction: enough pairs to calibrate.
+    model.calibrator = lambda: fit_calibrator(  # type: ignore[method-assign]
+        [records[t] for t in records] * 4,
+        [r["label"] if i % 2 else "__other__" for i, r in enumerate(list(records.values()) * 4)],
+        min_pairs=4, min_per_class=2)
+    late = model.scores(records)
+    assert "calibrated on" in late.message
+    assert all(0.0 < v < 1.0 for v in late.values.values())
+    accepted = [v for v in late.values.values() if v >= late.threshold]
+    # The unflagged items' expected precision (their mean probability) meets the target, when any are kept.
+    assert not accepted or sum(accepted) / len(accepted) >= model.settings.target_precision - 1e-9
+    assert model.store.get("calibration")["threshold"] == late.threshold
+    batch = model.batch_scores({t: records[t] for t in list(records)[:1]})
+    assert batch.threshold == late.threshold  # a /predict batch reuses the project-wide threshold
 
 
 def test_stored_answers_round_trip_the_llm_answers(model: ProjectModel) -> None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_http(url: str, *, timeout: float, proc: subprocess.Popen | None = None, headers: dict | None = None,
-              log: Path | None = None) -> None:
+              log: Path | None = None, auth: tuple[str, str] | None = None) -> None:
     """Poll ``url`` until it answers 200; fail at once, with the log's tail, when the process died."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -24,7 +24,7 @@ def wait_http(url: str, *, timeout: float, proc: subprocess.Popen | None = None,
             tail = "\n".join(log.read_text().splitlines()[-25:]) if log and log.exists() else ""
             raise RuntimeError(f"the process serving {url} exited with code {proc.returncode}:\n{tail}")
         try:
-            if requests.get(url, headers=headers, timeout=2).status_code == 200:
+            if requests.get(url, headers=headers, auth=auth, timeout=2).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -98,8 +98,9 @@ def start_backend(env: dict[str, str], *, log: Path, port: int = 0, gunicorn_wor
         cmd = [sys.executable, str(ROOT / "_wsgi.py"), "--host", "127.0.0.1", "--port", str(port)]
     service = Service("the backend", cmd, env=env, log=log, cwd=ROOT, url=f"http://127.0.0.1:{port}",
                       new_session=new_session)
+    auth = (env["BASIC_AUTH_USER"], env.get("BASIC_AUTH_PASS", "")) if env.get("BASIC_AUTH_USER") else None
     try:
-        wait_http(f"{service.url}/health", timeout=timeout, proc=service.proc, log=log)
+        wait_http(f"{service.url}/health", timeout=timeout, proc=service.proc, log=log, auth=auth)
     except BaseException:
         service.stop()
         raise

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.calibration import Calibrator, fit_calibrator, threshold_for_precision
 from backend.data import MAX_TEXT_CHARS
 from backend.hcc import HCCPipeline
 from backend.llm import LLMAnnotator, LLMAnswer
@@ -30,6 +31,13 @@ NOT_FLAGGED = ("consistent", "encoder_only")
 
 class TaskDataError(ValueError):
     """A task's data cannot be labelled; the message names the task and the field."""
+
+
+@dataclass
+class Scores:
+    values: dict[int, float]  # task id -> prediction score
+    threshold: float  # flag for review below it
+    message: str  # how the scores were made (calibrated on N reviews, or the prior fallback)
 
 
 @dataclass
@@ -208,10 +216,66 @@ class ProjectModel:
         labels = np.array([self.pipeline.index_of[r["label"]] for _, r in trusted], dtype=np.int64)
         return vectors, labels
 
+    # -- scores ------------------------------------------------------------------------------------
+    def reviewed_pairs(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Records of tasks a human labelled after the backend predicted them, and those human labels."""
+        items = self.store.items()
+        human = {a.task_id: a.label for a in self.store.anchors()}  # the latest label of each task
+        tasks = [t for t in human if t in items and items[t].get("label") is not None]
+        return [items[t] for t in tasks], [human[t] for t in tasks]
+
+    def calibrator(self) -> Calibrator:
+        """Fitted on every review so far; with too few it is the documented prior mapping (it says so)."""
+        records, labels = self.reviewed_pairs()
+        return fit_calibrator(records, labels)
+
+    def _values(self, records: dict[int, dict[str, Any]]) -> tuple[dict[int, float], str, bool]:
+        """(score per task, how it was made, whether it is a calibrated probability)."""
+        ids = [t for t, r in records.items() if r.get("label") is not None]
+        agreement = {t: review_score(records[t]) for t in ids}
+        if not self.settings.calibration:
+            return agreement, "agreement score (HCC_CALIBRATION=0)", False
+        cal = self.calibrator()
+        if cal.fallback_:
+            # Too few reviews to calibrate: the agreement score keeps the review tab on the items the
+            # annotators disagreed on, which the encoder-only prior mapping cannot see.
+            return agreement, f"{cal.message_}; until then the score is the agreement score", False
+        probs = cal.predict_records([records[t] for t in ids]) if ids else np.zeros(0)
+        return {t: round(float(p), 4) for t, p in zip(ids, probs, strict=True)}, cal.message_, True
+
+    def scores(self, records: dict[int, dict[str, Any]]) -> Scores:
+        """Scores and the flag threshold over the project's unlabelled records (a pre-label or re-vote run).
+
+        Once enough reviews exist: P(label is right) from the calibrator, flagged below the threshold at
+        which the unflagged items reach ``HCC_TARGET_PRECISION``. Before that (or with ``HCC_CALIBRATION=0``):
+        the agreement score, flagged below ``HCC_REVIEW_THRESHOLD``.
+        """
+        values, message, calibrated = self._values(records)
+        if not calibrated:
+            threshold = self.settings.review_threshold
+        else:
+            threshold = round(threshold_for_precision(np.array(list(values.values())),
+                                                      self.settings.target_precision) if values else 1.0, 4)
+        self.store.set("calibration", {"message": message, "threshold": threshold, "calibrated": calibrated,
+                                       "target_precision": self.settings.target_precision})
+        return Scores(values, threshold, message)
+
+    def batch_scores(self, records: dict[int, dict[str, Any]]) -> Scores:
+        """Scores of a /predict batch, flagged with the threshold of the last project-wide run (a batch is
+        too small a sample to set it)."""
+        values, message, calibrated = self._values(records)
+        last = self.store.get("calibration") or {}
+        if not calibrated:
+            return Scores(values, self.settings.review_threshold, message)
+        if last.get("calibrated") and last.get("threshold") is not None:
+            return Scores(values, float(last["threshold"]), message)
+        threshold = threshold_for_precision(np.array(list(values.values())), self.settings.target_precision) \
+            if values else 1.0
+        return Scores(values, float(threshold), message)
+
     # -- Label Studio shapes --------------------------------------------------------------------------
-    def prediction(self, task_id: int, record: dict[str, Any]) -> Prediction:
-        score = review_score(record)
+    def prediction(self, task_id: int, record: dict[str, Any], score: float, threshold: float) -> Prediction:
         result = [{"from_name": self.target.from_name, "to_name": self.target.to_name, "type": "choices",
                    "value": {"choices": [record["label"]]}}]
-        return Prediction(task_id=task_id, label=record["label"], score=score,
-                          needs_review=score < self.settings.review_threshold, stage=record["stage"], result=result)
+        return Prediction(task_id=task_id, label=record["label"], score=score, needs_review=score < threshold,
+                          stage=record["stage"], result=result)

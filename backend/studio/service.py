@@ -21,7 +21,7 @@ from typing import Any
 from backend.encoder import Encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import JobQueue, project_lock
-from backend.studio.labelconfig import LabelConfigError, classification_target
+from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
 from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 PRELABEL_EVENTS = ("TASKS_CREATED", "START_TRAINING")
+
+
+def pairwise_target(label_config: str) -> PairwiseTarget | None:
+    """The ``<Pairwise>`` target of a comparison project (one without a ``<Choices>`` to predict), else None."""
+    try:
+        targets = parse_label_config(label_config)
+    except LabelConfigError:
+        return None
+    pairs = [t for t in targets if isinstance(t, PairwiseTarget)]
+    return pairs[0] if pairs and len(pairs) == len(targets) else None
 
 
 def project_id_of(value: Any) -> int:
@@ -78,8 +88,14 @@ class HCCService:
         with self._lock:
             model = self._models.get(key)
         if model is None:
-            target = classification_target(label_config, from_name=self.settings.from_name or None)
-            model = ProjectModel(project_id, target, self.settings, self.encoder)
+            pairwise = pairwise_target(label_config)
+            if pairwise is not None:
+                from backend.studio.pairwise import PairwiseProjectModel
+
+                model = PairwiseProjectModel(project_id, pairwise, self.settings, client=self.client)
+            else:
+                target = classification_target(label_config, from_name=self.settings.from_name or None)
+                model = ProjectModel(project_id, target, self.settings, self.encoder)
             with self._lock:
                 model = self._models.setdefault(key, model)
             model.store.set("label_config", label_config)
@@ -120,8 +136,11 @@ class HCCService:
     def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
         project_id = project_id_of(project) if project is not None else int(tasks[0].get("project", 0))
         model = self.model(project_id, label_config)
+        if getattr(model, "kind", "") == "pairwise":
+            return model.predict(tasks)
         self._ensure_anchors(model)
         records, errors = model.label(tasks)
+        scores = model.batch_scores(records)
         results = []
         for task in tasks:
             task_id = int(task.get("id", -1))
@@ -132,7 +151,7 @@ class HCCService:
                 results.append({"result": [], "score": 0.0, "model_version": self.settings.model_version,
                                 "error": error})
                 continue
-            pred = model.prediction(task_id, record)
+            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
             results.append({"result": pred.result, "score": pred.score, "model_version": self.settings.model_version})
         return results
 
@@ -162,6 +181,8 @@ class HCCService:
             model = self.model(project_id, label_config)
         except LabelConfigError as exc:
             return {"status": "ignored", "reason": str(exc)}
+        if getattr(model, "kind", "") == "pairwise":
+            return model.webhook(action, payload, self.jobs)
         if action in ANNOTATION_EVENTS:
             return self._on_annotation(model, payload)
         if action == "ANNOTATIONS_DELETED":
@@ -209,6 +230,9 @@ class HCCService:
 
     def status(self, project_id: int) -> dict[str, Any]:
         store = self.store(project_id)
+        if store.get("kind") == "pairwise":
+            return {"project": project_id, "kind": "pairwise", "job": store.get("job", {}),
+                    "annotators": store.get("annotators_summary", {}), "pending_jobs": self.jobs.pending()}
         return {"project": project_id, "model_version": self.settings.model_version,
                 "anchors": len(store.anchors()), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
                 "pending_jobs": self.jobs.pending()}
@@ -258,7 +282,8 @@ class HCCService:
         return {"tasks": len(tasks), "labelled": len(records), "errors": list(errors.values())[:20],
                 "n_errors": len(errors), "anchors": len(store.anchors()), "stages": stages,
                 "cai": round(n_cons / (len(records) - n_cons + 1e-6), 4) if model.has_llm else None,
-                "needs_review": written["needs_review"], "predictions_written": written["written"]}
+                "needs_review": written["needs_review"], "predictions_written": written["written"],
+                "review_threshold": written["threshold"], "scores": written["scores"]}
 
     def revote(self, model: ProjectModel) -> dict[str, Any]:
         """Re-vote the stored items after the anchors changed; label tasks that just lost their anchor."""
@@ -270,7 +295,8 @@ class HCCService:
         client = self.client()
         written = self._write(model, client, fresh, None)
         return {"revoted": len(fresh), "anchors": len(store.anchors()), "updated": written["written"],
-                "needs_review": written["needs_review"]}
+                "needs_review": written["needs_review"], "review_threshold": written["threshold"],
+                "scores": written["scores"]}
 
     def _progress(self, store: ProjectStore):
         done = [0]
@@ -290,10 +316,11 @@ class HCCService:
         known = store.written()
         new, updates, metas, marks = [], {}, {}, {}
         needs_review = 0
+        scores = model.scores(records)
         for task_id, record in records.items():
             if record.get("label") is None:
                 continue
-            pred = model.prediction(task_id, record)
+            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
             needs_review += pred.needs_review
             pid, before = known.get(task_id, (None, None))
             if pid is None:  # e.g. Label Studio stored it from a /predict answer
@@ -318,10 +345,11 @@ class HCCService:
         # Only now: Label Studio refuses a model_version no prediction carries yet.
         if new or updates:
             client.set_model_version(model.project_id, version)
-            client.ensure_review_tab(model.project_id, threshold=self.settings.review_threshold)
+            client.ensure_review_tab(model.project_id, threshold=scores.threshold)
         store.update("job", step="writing task meta", done=0, total=len(metas))
         client.update_meta(metas, merge=tasks is None)  # without a fresh listing, keep others' meta keys
-        return {"written": len(new) + len(updates), "needs_review": needs_review}
+        return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,
+                "scores": scores.message}
 
 
 def _as_dict(task: TaskRecord) -> dict[str, Any]:

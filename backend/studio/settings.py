@@ -14,7 +14,9 @@
 | ``HCC_LLM_LOGPROBS`` | ask for token logprobs (``0`` is faster) | ``1`` |
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
-| ``HCC_REVIEW_THRESHOLD`` | predictions scoring below it are flagged for review | ``0.5`` |
+| ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
+| ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
+| ``HCC_REVIEW_THRESHOLD`` | flag threshold when calibration is off | ``0.5`` |
 | ``HCC_PRELABEL_ON_IMPORT`` | run the pipeline when tasks are imported | ``1`` |
 """
 
@@ -54,6 +56,8 @@ class Settings:
     encoder: str = DEFAULT_ENCODER
     from_name: str = ""
     review_threshold: float = 0.5
+    calibration: bool = True
+    target_precision: float = 0.95
     prelabel_on_import: bool = True
     hcc: HCCConfig = field(default_factory=HCCConfig)
 
@@ -75,6 +79,8 @@ class Settings:
             encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
             from_name=env("HCC_FROM_NAME", ""),
             review_threshold=float(env("HCC_REVIEW_THRESHOLD", "") or 0.5),
+            calibration=_flag("HCC_CALIBRATION", True),
+            target_precision=float(env("HCC_TARGET_PRECISION", "") or 0.95),
             prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
         )
 

@@ -1,0 +1,393 @@
+"""Calibration benchmark on Banking77: is the calibrated P(label is right) a better guide for reviewers than
+any single signal?
+
+Protocol. 5% of the train split (seeded, as in bench/banking77.py) are the anchors. Each run annotates test
+items; then, for each seed of the review split, 5% of the run's items are "reviewed" (their gold label is
+shown to the calibrator), and the first 1% of that same permutation is the 1% budget; the other 95% are held
+out, and every metric is computed on them only (the same held-out items for both budgets). Reported: mean and
+standard deviation over the seeds.
+
+Runs:
+  hcc-1000      the seeded 1,000-item test sample of bench/banking77.py, default HCC, LLM answers in grammar
+                mode without logprobs (the cached answers of that benchmark: no LLM call);
+  encoder-3080  the whole test split, encoder alone (--no-llm), as a reference;
+  hcc-llm-N     (--llm-items N) the first N items of the 1,000 sample with the paid signals: the zero-shot
+                view with token logprobs and k=3 self-consistency samples at temperature 0.7 (hinted view as in
+                hcc-1000); "hcc-llm-N, free signals" is the same items without those two signals.
+
+    .venv/bin/python bench/calibration.py                       # free signals (cached; no server needed)
+    .venv/bin/python bench/calibration.py --llm-items 300 --llm-base-url http://127.0.0.1:8092/v1
+    .venv/bin/python bench/calibration.py --markdown            # print the tables of docs/benchmarks.md
+    .venv/bin/python bench/calibration.py --design              # how the constants were chosen (train split)
+
+--design reproduces the choices made without the test split: the encoder softmax temperature and the prior
+mapping (fitted on 2,000 train items that are not anchors), and the calibrator's shift scale and selection
+rule (held-out log loss on 3,000 other train items, encoder-only runs with the centroid and the top-k
+classifier, 1,000-item runs with 1% and 5% reviewed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.anchors import class_scores, nearest_of_label  # noqa: E402
+from backend.calibration import (  # noqa: E402
+    Calibrator,
+    brier_score,
+    effort_curve,
+    error_detection_auroc,
+    expected_calibration_error,
+    log_loss,
+    plot_reliability,
+    prior_log_odds,
+    random_review_accuracy,
+    selective_accuracy,
+    threshold_for_precision,
+)
+from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
+from backend.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
+from backend.hcc import HCCConfig, HCCPipeline, encoder_probabilities  # noqa: E402
+from backend.llm import LLMAnnotator  # noqa: E402
+from backend.signals import add_self_consistency, logit, signal_features  # noqa: E402
+from bench.banking77 import DATA, read  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3)
+BUDGETS = (0.01, 0.05)
+TARGETS = (0.9, 0.95)
+
+
+# -- the runs ----------------------------------------------------------------------------------------------
+
+
+def load() -> tuple[list[str], list[dict], list[dict], list[dict], list[dict]]:
+    """Labels, anchors, test split, the seeded 1,000-item test sample, and the train items not anchors."""
+    train, test = read(DATA / "train.csv"), read(DATA / "test.csv")
+    labels = json.loads((DATA / "categories.json").read_text())
+    picked = random.Random(0).sample(range(len(train)), round(0.05 * len(train)))
+    # random.sample over indices draws the same items as over the rows (bench/banking77.py samples rows).
+    anchors = [train[i] for i in picked]
+    rest = [row for i, row in enumerate(train) if i not in set(picked)]
+    sample = random.Random(0).sample(test, 1000)
+    return labels, anchors, test, sample, rest
+
+
+def pipeline(enc: Encoder, labels: list[str], anchors: list[dict], llm: Any = None) -> HCCPipeline:
+    pipe = HCCPipeline(enc, labels, llm=llm, config=HCCConfig())
+    pipe.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
+    return pipe
+
+
+def annotator(labels: list[str], base_url: str, *, logprobs: bool) -> LLMAnnotator:
+    # The settings of bench/banking77.py: its cached answers are reused.
+    return LLMAnnotator(labels, base_url=base_url, model=DEFAULT_LLM_MODEL, cache_dir=cache_dir() / "llm",
+                        concurrency=2, logprobs=logprobs, timeout=900, structured="grammar")
+
+
+class PaidViews:
+    """The zero-shot view with logprobs, the hinted view without (its cached answers): logprobs cost ~2x a
+    call on llama-cpp-python, and one view's probability is what the comparison needs."""
+
+    def __init__(self, with_logprobs: LLMAnnotator, plain: LLMAnnotator) -> None:
+        self.with_logprobs, self.plain = with_logprobs, plain
+        self.stats = with_logprobs.stats
+
+    def zero_shot(self, texts, *, progress=None):
+        return self.with_logprobs.zero_shot(texts, progress=progress)
+
+    def hinted(self, texts, hints, *, progress=None):
+        return self.plain.hinted(texts, hints, progress=progress)
+
+
+def runs(args: argparse.Namespace) -> dict[str, tuple[list[dict], list[str]]]:
+    labels, anchors, test, sample, _ = load()
+    enc = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings")
+    out: dict[str, tuple[list[dict], list[str]]] = {}
+    plain = annotator(labels, args.llm_base_url, logprobs=False)
+    res = pipeline(enc, labels, anchors, plain).annotate([r["text"] for r in sample])
+    print(f"hcc-1000: {res.report['llm']}", file=sys.stderr)
+    out["hcc-1000"] = (res.records, [r["category"] for r in sample])
+    res = pipeline(enc, labels, anchors).annotate([r["text"] for r in test])
+    out["encoder-3080"] = (res.records, [r["category"] for r in test])
+    if args.llm_items:
+        items = sample[: args.llm_items]
+        views = PaidViews(annotator(labels, args.llm_base_url, logprobs=True), plain)
+        res = pipeline(enc, labels, anchors, views).annotate([r["text"] for r in items])
+        add_self_consistency(res.records, plain, k=args.k, temperature=0.7)
+        print(f"hcc-llm: {views.stats.as_dict()} samples: {plain.stats.as_dict()}", file=sys.stderr)
+        gold = [r["category"] for r in items]
+        name = f"hcc-llm-{len(items)}"
+        out[name] = (res.records, gold)
+        out[f"{name}, free signals"] = (out["hcc-1000"][0][: len(items)], gold)
+    return out
+
+
+# -- scoring -----------------------------------------------------------------------------------------------
+
+
+#: Scores that claim to be probabilities: only these get ECE, Brier and log loss.
+PROBABILITIES = ("agreement score (uncalibrated)", "encoder probability", "LLM logprob", "self-consistency",
+                 "prior mapping (no reviews)")
+
+
+def single_signals(records: list[dict]) -> dict[str, np.ndarray]:
+    """Each single signal as a score (higher = more likely right), and the prior mapping."""
+    s = signal_features(records)
+    out = {} if "agree_encoder=zero_shot=hinted" not in s.names else {
+        "agreement score (uncalibrated)": s.column("agreement_score")}
+    out |= {"encoder margin": s.column("encoder_margin"),
+           "encoder probability": np.array([r["encoder_probability"] for r in records]),
+           "anchor similarity": s.column("anchor_similarity")}
+    views = [v for v in ("zero_shot", "hinted") if f"llm_{v}_p_backing" in s.names
+             and not np.all(s.column(f"llm_{v}_p_missing") == 1)]
+    if views:
+        # The LLM's probability of the final label: its answer's probability when it gave that label, else 0.
+        out["LLM logprob"] = np.mean([s.column(f"llm_{v}_p_backing") for v in views], axis=0)
+    if "self_consistency" in s.names:
+        out["self-consistency"] = s.column("samples_back_label")
+    out["prior mapping (no reviews)"] = 1 / (1 + np.exp(-prior_log_odds(s.values, s.names)))
+    return out
+
+
+def evaluate(records: list[dict], gold: list[str], *, seeds: int, budgets=BUDGETS) -> dict[str, Any]:
+    correct = np.array([r["label"] == g for r, g in zip(records, gold, strict=True)])
+    signals = signal_features(records)
+    singles = single_signals(records)
+    consistent = np.array([r["stage"] == "consistent" for r in records])
+    n = len(records)
+    per_seed: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        perm = np.random.default_rng(seed).permutation(n)
+        held = np.sort(perm[round(0.05 * n):])
+        y = correct[held]
+        row: dict[str, Any] = {"held_out": len(held), "accuracy": float(y.mean())}
+        cover = float(consistent[held].mean()) if consistent.any() else None
+        if cover is not None:
+            row["consistent"] = {"coverage": cover, "accuracy": float(y[consistent[held]].mean())}
+        for name, score in singles.items():
+            row[name] = score_metrics(score[held], y, cover, probability=name in PROBABILITIES)
+        row["random order"] = {"effort": random_review_accuracy(y, fractions=FRACTIONS)}
+        for budget in budgets:
+            reviewed = perm[: max(1, round(budget * n))]
+            cal = Calibrator(random_state=seed).fit(signals.values[reviewed], correct[reviewed],
+                                                    feature_names=signals.names)
+            p = cal.predict_proba(signals.values[held])
+            metrics = score_metrics(p, y, cover, probability=True)
+            metrics.update(method=cal.method_, fallback=cal.fallback_, pairs=len(reviewed),
+                           precision=precision_targets(p, y))
+            row[f"calibrated, {budget:.0%} reviewed"] = metrics
+        row |= diagnostic(signals, correct, perm, consistent)
+        per_seed.append(row)
+    return {"items": n, "accuracy": float(correct.mean()), "seeds": per_seed, "summary": summarise(per_seed)}
+
+
+def diagnostic(signals, correct: np.ndarray, perm: np.ndarray, consistent: np.ndarray) -> dict[str, Any]:
+    """Not the protocol: half the items reviewed, the other half held out, the logistic model forced, to show
+    what the signals are worth once there are hundreds of pairs (the 5% protocol mostly keeps the prior)."""
+    half = len(perm) // 2
+    reviewed, held = perm[:half], np.sort(perm[half:])
+    cover = float(consistent[held].mean()) if consistent.any() else None
+    cal = Calibrator(methods=["logistic"], C=1.0).fit(signals.values[reviewed], correct[reviewed],
+                                                       feature_names=signals.names)
+    metrics = score_metrics(cal.predict_proba(signals.values[held]), correct[held], cover, probability=True)
+    return {"[diagnostic] logistic on all signals, 50% reviewed, other 50% held out": metrics}
+
+
+def score_metrics(score: np.ndarray, y: np.ndarray, coverage: float | None, *, probability: bool
+                  ) -> dict[str, Any]:
+    """AUROC, effort curve and the accuracy of the top share (the size of C when the run has one, 50%, 80%)."""
+    shares = {"C-sized": coverage} if coverage is not None else {}
+    shares |= {"50%": 0.5, "80%": 0.8}
+    out: dict[str, Any] = {"auroc": error_detection_auroc(score, y),
+                           "effort": effort_curve(score, y, fractions=FRACTIONS),
+                           "selective": {k: selective_accuracy(score, y, coverage=c) for k, c in shares.items()}}
+    if probability:
+        out.update(ece=expected_calibration_error(score, y), brier=brier_score(score, y), log_loss=log_loss(score, y))
+    return out
+
+
+def precision_targets(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """For each target precision: the threshold from the calibrated scores, the share of items it accepts
+    and the precision those items really have."""
+    out = {}
+    for target in TARGETS:
+        accepted = p >= threshold_for_precision(p, target)
+        out[f"{target:.2f}"] = {"accepted": float(accepted.mean()),
+                                "precision": float(y[accepted].mean()) if accepted.any() else None}
+    return out
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every number in the per-seed rows."""
+    def walk(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: walk([v[k] for v in values]) for k in first}
+        if isinstance(first, str):  # e.g. the method each seed chose
+            return sorted(set(values))
+        if isinstance(first, bool):  # e.g. fallback: in how many seeds
+            return sum(values)
+        numbers = [v for v in values if v is not None]
+        if not numbers:
+            return None
+        return {"mean": round(float(np.mean(numbers)), 4), "std": round(float(np.std(numbers)), 4)}
+
+    return walk(per_seed)
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def fmt(cell: Any, scale: float = 1.0, digits: int = 3) -> str:
+    if cell is None:
+        return "-"
+    return f"{scale * cell['mean']:.{digits}f} ± {scale * cell['std']:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for name, run in result["runs"].items():
+        summ = run["summary"]
+        lines += [f"#### {name}: {run['items']} items, label accuracy {100 * run['accuracy']:.2f}%", ""]
+        cons = summ.get("consistent")
+        if cons:
+            lines += [f"Consistent set C on the held-out items: {fmt(cons['coverage'], 100, 1)}% of items, "
+                      f"{fmt(cons['accuracy'], 100, 1)}% accurate.", ""]
+        top = "C-sized share / 50% / 80%" if cons else "50% / 80%"
+        lines += [f"| score | ECE | Brier | AUROC (wrong labels) | accuracy of the top {top} | dataset accuracy "
+                  "after reviewing 0% / 5% / 10% / 20% / 30% | method |", "|---|---|---|---|---|---|---|"]
+        for key, cell in summ.items():
+            if not isinstance(cell, dict) or "effort" not in cell:
+                continue
+            sel = cell.get("selective", {})
+            sel_txt = " / ".join(f"{100 * v['mean']:.1f}" for v in sel.values()) if sel else "-"
+            eff = " / ".join(f"{100 * v['mean']:.1f}" for v in cell["effort"].values())
+            method = ", ".join(cell["method"]) if "method" in cell else ""
+            lines.append(f"| {key} | {fmt(cell.get('ece'))} | {fmt(cell.get('brier'))} | {fmt(cell.get('auroc'))} "
+                         f"| {sel_txt} | {eff} | {method} |")
+        lines += [""]
+        prec = [(k, v) for k, v in summ.items() if isinstance(v, dict) and "precision" in v]
+        if prec:
+            lines += ["| calibrator | target precision | items accepted | their real precision |", "|---|---|---|---|"]
+            for key, cell in prec:
+                for target, t in cell["precision"].items():
+                    lines.append(f"| {key} | {target} | {fmt(t['accepted'], 100, 1)}% | "
+                                 f"{fmt(t['precision'], 100, 1)}% |")
+            lines += [""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llm-base-url", default="http://127.0.0.1:8091/v1",
+                    help="only asked for answers missing from the cache")
+    ap.add_argument("--llm-items", type=int, default=0, help="run hcc-llm-N on the first N items of the sample")
+    ap.add_argument("--k", type=int, default=3, help="self-consistency samples per item")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of the review split")
+    ap.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
+    ap.add_argument("--markdown", action="store_true", help="print the tables of an existing --out and exit")
+    ap.add_argument("--design", action="store_true", help="the train-split experiments behind the constants")
+    args = ap.parse_args()
+    if args.design:
+        result = design()
+        (RESULTS / "calibration_design.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return 0
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
+    result: dict[str, Any] = {"protocol": {"anchors": "5% of train, random.Random(0)", "review_budgets": BUDGETS,
+                                           "held_out": "95% of each run's items", "seeds": args.seeds,
+                                           "ece_bins": 10, "self_consistency_k": args.k}, "runs": {}}
+    for name, (records, gold) in runs(args).items():
+        result["runs"][name] = evaluate(records, gold, seeds=args.seeds)
+        print(f"{name}: done", file=sys.stderr, flush=True)
+        if name == "hcc-1000":
+            reliability_png(records, gold, RESULTS / "calibration_reliability.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    return 0
+
+
+def design() -> dict[str, Any]:
+    """Encoder temperature, prior mapping, shift scale and selection rule, all on train items."""
+    from sklearn.linear_model import LogisticRegression
+
+    labels, anchors, _, _, rest = load()
+    prior_items = random.Random(1).sample(rest, 2000)
+    taken = {id(r) for r in prior_items}  # the same row objects as in rest
+    dev_items = random.Random(2).sample([r for r in rest if id(r) not in taken], 3000)
+    enc = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings")
+    index = {lab: i for i, lab in enumerate(labels)}
+    a_vec, a_lab = enc.encode([r["text"] for r in anchors]), np.array([index[r["category"]] for r in anchors])
+    q = enc.encode([r["text"] for r in prior_items])
+    gold = np.array([index[r["category"]] for r in prior_items])
+    scores = class_scores(q, a_vec, a_lab, len(labels), method="centroid").scores
+    pred = scores.argmax(axis=1)
+    right = pred == gold
+    out: dict[str, Any] = {"temperature_log_loss": {}}
+    for tau in (0.02, 0.03, 0.04, 0.05, 0.06, 0.08):
+        p = encoder_probabilities(scores, tau)[np.arange(len(pred)), pred]
+        out["temperature_log_loss"][tau] = round(log_loss(np.clip(p, 1e-6, 1 - 1e-6), right), 4)
+    p = encoder_probabilities(scores)[np.arange(len(pred)), pred]
+    near = nearest_of_label(q, a_vec, a_lab, pred)
+    design_x = np.column_stack([logit(p), near])
+    for name, cols in (("encoder_logit + anchor_similarity", [0, 1]), ("encoder_logit", [0])):
+        fit = LogisticRegression(C=100.0).fit(design_x[:, cols], right)
+        out[f"prior: {name}"] = {"intercept": round(float(fit.intercept_[0]), 3),
+                                 "weights": [round(float(w), 3) for w in fit.coef_[0]]}
+    out["dev"] = {}
+    for classifier in ("centroid", "topk_mean"):
+        pipe = HCCPipeline(enc, labels, config=HCCConfig(classifier=classifier))
+        pipe.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
+        records = pipe.annotate([r["text"] for r in dev_items]).records
+        correct = np.array([r["label"] == g["category"] for r, g in zip(records, dev_items, strict=True)])
+        out["dev"][classifier] = dev_grid(signal_features(records), correct)
+    return out
+
+
+def dev_grid(signals, correct: np.ndarray, *, runs: int = 12) -> dict[str, Any]:
+    """Held-out log loss and ECE of each (selection rule, shift scale), over 1,000-item runs."""
+    grid: dict[str, Any] = {}
+    for selection in ("min", "one_se"):
+        for scale in (0.25, 0.35, 0.5, 1.0):
+            for budget in BUDGETS:
+                losses, eces = [], []
+                for seed in range(runs):
+                    run = np.random.default_rng(seed).choice(len(correct), 1000, replace=False)
+                    X, y = signals.values[run], correct[run]
+                    cal = Calibrator(selection=selection, shift_scale=scale).fit(
+                        X[: round(budget * 1000)], y[: round(budget * 1000)], feature_names=signals.names)
+                    p = cal.predict_proba(X[50:])
+                    losses.append(log_loss(p, y[50:]))
+                    eces.append(expected_calibration_error(p, y[50:]))
+                grid[f"{selection}, scale {scale}, {budget:.0%} reviewed"] = {
+                    "log_loss": round(float(np.mean(losses)), 4), "ece": round(float(np.mean(eces)), 4)}
+    return grid
+
+
+def reliability_png(records: list[dict], gold: list[str], path: Path) -> None:
+    """Reliability diagram of seed 0, 5% reviewed, on its held-out items."""
+    correct = np.array([r["label"] == g for r, g in zip(records, gold, strict=True)])
+    signals = signal_features(records)
+    perm = np.random.default_rng(0).permutation(len(records))
+    reviewed, held = perm[: round(0.05 * len(records))], perm[round(0.05 * len(records)):]
+    cal = Calibrator().fit(signals.values[reviewed], correct[reviewed], feature_names=signals.names)
+    p = cal.predict_proba(signals.values[held])
+    plot_reliability(p, correct[held], path, title=f"Banking77, {len(held)} held-out items, {len(reviewed)} "
+                                                   f"reviewed ({cal.method_}): ECE "
+                                                   f"{expected_calibration_error(p, correct[held]):.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
