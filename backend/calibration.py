@@ -569,7 +569,7 @@ def plot_reliability(probabilities: Any, correct: Any, path: str | Path, *, n_bi
     top.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], "o", color="#dd8452",
              label="mean P(right) per bin")
     ece = expected_calibration_error(p, y, n_bins=n_bins)
-    top.set_title(title or f"Reliability, {len(p)} items, ECE {ece:.3f}")
+    top.set_title(title or f"Reliability, {len(p)} items, ECE {ece:.3f}", fontsize=9)
     top.set_ylabel("share of labels right")
     top.set_ylim(0, 1)
     top.legend(loc="upper left", fontsize=8)

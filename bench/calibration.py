@@ -384,9 +384,9 @@ def reliability_png(records: list[dict], gold: list[str], path: Path) -> None:
     reviewed, held = perm[: round(0.05 * len(records))], perm[round(0.05 * len(records)):]
     cal = Calibrator().fit(signals.values[reviewed], correct[reviewed], feature_names=signals.names)
     p = cal.predict_proba(signals.values[held])
-    plot_reliability(p, correct[held], path, title=f"Banking77, {len(held)} held-out items, {len(reviewed)} "
-                                                   f"reviewed ({cal.method_}): ECE "
-                                                   f"{expected_calibration_error(p, correct[held]):.3f}")
+    ece = expected_calibration_error(p, correct[held])
+    plot_reliability(p, correct[held], path, title=f"Banking77 hcc-1000, seed 0: {len(reviewed)} reviewed "
+                                                   f"({cal.method_}),\n{len(held)} held out, ECE {ece:.3f}")
 
 
 if __name__ == "__main__":

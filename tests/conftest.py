@@ -45,7 +45,10 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------------
 # Label Studio 1.23.2 (installed in the project's environment) and the backend as real processes
 # --------------------------------------------------------------------------------------------------------
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import requests  # noqa: E402
 
 from backend.studio import launch  # noqa: E402
 
@@ -74,3 +77,32 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def BackendProcess(env: dict[str, str], log: Path, *, gunicorn_workers: int = 0) -> launch.Service:  # noqa: N802
     """The backend as a subprocess (``python _wsgi.py``, or gunicorn with that many workers)."""
     return launch.start_backend(env, log=log, gunicorn_workers=gunicorn_workers)
+
+
+def wait_until(predicate, *, timeout: float, what: str, interval: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def backend_status(world: dict) -> dict:
+    """``/status`` of the project of an end-to-end ``world`` (keys ``backend`` and ``project``)."""
+    return requests.get(f"{world['backend'].url}/status", params={"project": world["project"]}, timeout=5).json()
+
+
+def settled_status(world: dict, *, timeout: float = 120) -> dict:
+    """The status once no job runs or waits (webhooks queue their work in the background)."""
+    def idle():
+        status = backend_status(world)
+        return status if status["pending_jobs"] == 0 and status["job"].get("state") in ("done", "failed") else None
+    return wait_until(idle, timeout=timeout, what="background jobs to finish")
+
+
+def project_tasks(world: dict) -> dict[int, dict]:
+    """Every task of the world's project, with annotations and predictions, by id."""
+    return {t.id: t.model_dump() for t in world["ls"].tasks.list(project=world["project"], fields="all")}

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, BackendProcess, wait_http
+from conftest import ROOT, BackendProcess, backend_status, project_tasks, settled_status, wait_http, wait_until
+
+_wait, _status, _settled, _tasks = wait_until, backend_status, settled_status, project_tasks  # short names
 
 pytestmark = pytest.mark.llm
 
@@ -34,14 +36,6 @@ def _choice(label: str) -> list[dict]:
     return [{"from_name": "intent", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
 
 
-def _wait(predicate, *, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -81,20 +75,10 @@ def world(label_studio, llm_server, tmp_path_factory):
         world["backend"].stop()
 
 
-def _status(world) -> dict:
-    return requests.get(f"{world['backend'].url}/status", params={"project": world["project"]}, timeout=5).json()
 
 
-def _settled(world) -> dict:
-    """The status once no job runs or waits (webhooks queue re-votes in the background)."""
-    def idle():
-        status = _status(world)
-        return status if status["pending_jobs"] == 0 and status["job"].get("state") in ("done", "failed") else None
-    return _wait(idle, timeout=120, what="background jobs to finish")
 
 
-def _tasks(world) -> dict[int, dict]:
-    return {t.id: t.model_dump() for t in world["ls"].tasks.list(project=world["project"], fields="all")}
 
 
 def _our_prediction(task: dict, version: str) -> dict | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import BackendProcess
+from conftest import BackendProcess, backend_status, project_tasks, settled_status, wait_until
 
 from backend.cli import main
 from backend.preferences import EXPORT_FIELDS
@@ -40,6 +40,8 @@ from backend.studio.pairwise import (
 )
 from backend.studio.settings import Settings
 from backend.studio.store import ProjectStore
+
+_wait, _status, _settled, _tasks = wait_until, backend_status, settled_status, project_tasks  # short names
 
 CONFIG = ('<View><Text name="prompt" value="$prompt"/><Text name="left" value="$response_left"/>'
           '<Text name="right" value="$response_right"/><Pairwise name="pw" toName="left,right"/></View>')
@@ -218,29 +220,12 @@ def test_model_without_llm_or_label_studio_reports_instead_of_crashing(tmp_path:
 
 
 # -- end to end ----------------------------------------------------------------------------------------------
-def _wait(predicate, *, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _status(world) -> dict:
-    return requests.get(f"{world['backend'].url}/status", params={"project": world["project"]}, timeout=5).json()
 
 
-def _settled(world) -> dict:
-    def idle():
-        status = _status(world)
-        return status if status["pending_jobs"] == 0 and status["job"].get("state") in ("done", "failed") else None
-    return _wait(idle, timeout=120, what="background jobs to finish")
 
 
-def _tasks(world) -> dict[int, dict]:
-    return {t.id: t.model_dump() for t in world["ls"].tasks.list(project=world["project"], fields="all")}
 
 
 @pytest.fixture(scope="module")

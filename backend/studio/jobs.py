@@ -12,9 +12,11 @@ import fcntl
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +84,29 @@ class JobQueue:
                 with self._lock:
                     if not self._waiting:
                         self._idle.set()
+
+
+def run_recorded(store, kind: str, work: Callable[[], dict[str, Any]], *, project_id: int,
+                 expected: tuple[type[Exception], ...] = ()) -> dict[str, Any] | None:
+    """Run one project job under the project lock, recording its state in ``store`` (kv ``job``) for /status.
+
+    ``expected`` errors (Label Studio unreachable, a bad config...) are logged as one line; anything else
+    with its traceback. Returns the job's summary (with ``seconds``), or None when it failed.
+    """
+    with project_lock(store.directory):
+        started = time.time()
+        store.update("job", state="running", kind=kind, started=started, done=0, total=0, step="starting",
+                     error=None)
+        try:
+            summary = work()
+        except expected as exc:
+            log.error("%s job of project %s failed: %s", kind, project_id, exc)
+            store.update("job", state="failed", error=str(exc), finished=time.time())
+            return None
+        except Exception as exc:
+            log.exception("%s job of project %s failed", kind, project_id)
+            store.update("job", state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+            return None
+        summary["seconds"] = round(time.time() - started, 2)
+        log.info("project %s: %s done %s", project_id, kind, summary)
+        return summary

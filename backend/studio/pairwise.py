@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.studio.client import StudioClient, StudioError, TaskRecord
-from backend.studio.jobs import JobQueue, project_lock
+from backend.studio.jobs import JobQueue, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, parse_label_config
 from backend.studio.settings import Settings
 from backend.studio.store import ProjectStore
@@ -499,26 +499,17 @@ class PairwiseProjectModel:
     def run_job(self, kind: str) -> None:
         """``prelabel`` (judge the unlabelled tasks), ``sync`` (re-read the annotations) or ``annotators``."""
         store = self.store
-        with project_lock(store.directory):
-            started = time.time()
-            store.update("job", state="running", kind=kind, started=started, step="starting", error=None)
-            try:
-                if kind == "annotators":
-                    summary = self.reestimate(self.client)  # files and summary even when Label Studio is down
-                else:
-                    summary = self.prelabel(self.client(), judge=kind == "prelabel")
-            except (StudioError, LabelConfigError, ValueError) as exc:
-                log.error("%s job of project %s failed: %s", kind, self.project_id, exc)
-                store.update("job", state="failed", error=str(exc), finished=time.time())
-                return
-            except Exception as exc:
-                log.exception("%s job of project %s failed", kind, self.project_id)
-                store.update("job", state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
-                return
-            summary["seconds"] = round(time.time() - started, 2)
+
+        def work() -> dict[str, Any]:
+            if kind == "annotators":
+                return self.reestimate(self.client)  # files and summary even when Label Studio is down
+            return self.prelabel(self.client(), judge=kind == "prelabel")
+
+        summary = run_recorded(store, kind, work, project_id=self.project_id,
+                               expected=(StudioError, LabelConfigError, ValueError))
+        if summary is not None:
             last = {**store.get("job", {}).get("last", {}), kind: summary}
             store.update("job", state="done", step="done", finished=time.time(), last=last)
-            log.info("project %s: %s done %s", self.project_id, kind, summary)
 
     def prelabel(self, client: StudioClient, *, judge: bool = True) -> dict[str, Any]:
         """Re-read the project's annotations (Label Studio is the source of truth), judge the unlabelled

@@ -20,7 +20,7 @@ from typing import Any
 
 from backend.encoder import Encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
-from backend.studio.jobs import JobQueue, project_lock
+from backend.studio.jobs import JobQueue, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
 from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text
 from backend.studio.settings import Settings
@@ -238,25 +238,12 @@ class HCCService:
                 "pending_jobs": self.jobs.pending()}
 
     def _run_job(self, model: ProjectModel, kind: str) -> None:
-        store = model.store
-        with project_lock(store.directory):
-            started = time.time()
-            store.update("job", state="running", kind=kind, started=started, done=0, total=0, step="starting",
-                         error=None)
-            try:
-                summary = self.prelabel(model) if kind == "prelabel" else self.revote(model)
-            except (StudioError, LabelConfigError) as exc:
-                log.error("%s job of project %s failed: %s", kind, model.project_id, exc)
-                store.update("job", state="failed", error=str(exc), finished=time.time())
-                return
-            except Exception as exc:
-                log.exception("%s job of project %s failed", kind, model.project_id)
-                store.update("job", state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
-                return
-            summary["seconds"] = round(time.time() - started, 2)
-            store.update("job", state="done", step="done", finished=time.time())
-            store.set("last_run", {"kind": kind, **summary})
-            log.info("project %s: %s done %s", model.project_id, kind, summary)
+        work = (lambda: self.prelabel(model)) if kind == "prelabel" else (lambda: self.revote(model))
+        summary = run_recorded(model.store, kind, work, project_id=model.project_id,
+                               expected=(StudioError, LabelConfigError))
+        if summary is not None:
+            model.store.update("job", state="done", step="done", finished=time.time())
+            model.store.set("last_run", {"kind": kind, **summary})
 
     def prelabel(self, model: ProjectModel) -> dict[str, Any]:
         """The whole pipeline over the project's unlabelled tasks (both DCCA rounds), written to Label Studio."""
