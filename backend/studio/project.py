@@ -138,6 +138,7 @@ class ProjectModel:
             )
         self.pipeline = HCCPipeline(encoder, list(target.labels), llm=llm, config=settings.hcc)
         self._revision = -1
+        self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it
 
     @property
@@ -225,9 +226,17 @@ class ProjectModel:
         return [items[t] for t in tasks], [human[t] for t in tasks]
 
     def calibrator(self) -> Calibrator:
-        """Fitted on every review so far; with too few it is the documented prior mapping (it says so)."""
+        """Fitted on every review so far; with too few it is the documented prior mapping (it says so).
+
+        Reviews are anchors, so the fit is kept until the anchors change: /predict does not refit it.
+        """
+        revision = self.store.revision()
+        if self._calibrated is not None and self._calibrated[0] == revision:
+            return self._calibrated[1]
         records, labels = self.reviewed_pairs()
-        return fit_calibrator(records, labels)
+        calibrator = fit_calibrator(records, labels)
+        self._calibrated = (revision, calibrator)
+        return calibrator
 
     def _values(self, records: dict[int, dict[str, Any]]) -> tuple[dict[int, float], str, bool]:
         """(score per task, how it was made, whether it is a calibrated probability)."""
