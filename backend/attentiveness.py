@@ -91,6 +91,17 @@ class ComparisonData:
                                          categories=[*self.models, ""])
 
 
+def repeated_pairs(item_codes: np.ndarray, worker_codes: np.ndarray, n_workers: int, rows: pd.Index,
+                   problems: list[str], *, what: str) -> np.ndarray:
+    """Mask of the rows an annotator repeated on the same item (the last one counts), reported in ``problems``."""
+    pair = pd.Series(item_codes.astype(np.int64) * max(n_workers, 1) + worker_codes)
+    repeated = pair.duplicated(keep="last").to_numpy()
+    if repeated.any():
+        problems.append(f"{int(repeated.sum())} repeated (item, annotator) {what}: the last one counts "
+                        f"(rows dropped: {_examples(rows[repeated])})")
+    return repeated
+
+
 def _examples(values) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:_MAX_EXAMPLES])
@@ -167,11 +178,7 @@ def prepare_comparisons(df: pd.DataFrame) -> ComparisonData:
     item_codes, items = pd.factorize(item[keep], sort=False)
     worker_codes, workers = pd.factorize(worker[keep], sort=False)
     rows = df.index[keep]
-    pair = pd.Series(item_codes.astype(np.int64) * max(len(workers), 1) + worker_codes)
-    repeated = pair.duplicated(keep="last").to_numpy()
-    if repeated.any():
-        problems.append(f"{int(repeated.sum())} repeated (item, annotator) choices: the last one counts "
-                        f"(rows dropped: {_examples(rows[repeated])})")
+    repeated = repeated_pairs(item_codes, worker_codes, len(workers), rows, problems, what="choices")
     # Sorted by item, so that gathering item values per annotation reads memory in order.
     order = np.flatnonzero(~repeated)
     if not (np.diff(item_codes[order]) >= 0).all():  # files grouped by item are sorted already

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
 
-from backend.attentiveness import IdentifiabilityWarning, clean_text
+from backend.attentiveness import IdentifiabilityWarning, _examples, clean_text, repeated_pairs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ REQUIRED_COLUMNS = ("item_id", "worker_id", "label")
 MODELS = ("one_coin", "dawid_skene", "shrunk", "auto")
 SHRINKAGE_GRID = (0.0, 2.0, 8.0, 32.0, np.inf)
 _CLIP = 1e-9
-_MAX_EXAMPLES = 5
 
 
 @dataclass
@@ -68,11 +67,6 @@ class LabelData:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
-
-
-def _examples(values) -> str:
-    values = list(values)
-    return ", ".join(str(v) for v in values[:_MAX_EXAMPLES]) + (", ..." if len(values) > _MAX_EXAMPLES else "")
 
 
 def prepare_labels(df: pd.DataFrame, *, classes: Sequence[str] | None = None) -> LabelData:
@@ -109,11 +103,7 @@ def prepare_labels(df: pd.DataFrame, *, classes: Sequence[str] | None = None) ->
         label_codes = pd.Index(class_names).get_indexer(label_names)[label_codes]
         label_names = pd.Index(class_names)
     rows = df.index[keep]
-    pair = pd.Series(item_codes.astype(np.int64) * max(len(workers), 1) + worker_codes)
-    repeated = pair.duplicated(keep="last").to_numpy()
-    if repeated.any():
-        problems.append(f"{int(repeated.sum())} repeated (item, annotator) labels: the last one counts "
-                        f"(rows dropped: {_examples(rows[repeated])})")
+    repeated = repeated_pairs(item_codes, worker_codes, len(workers), rows, problems, what="labels")
     kept = ~repeated
     return LabelData(items=pd.Index(items, name="item_id"), workers=pd.Index(workers, name="worker_id"),
                      classes=pd.Index(label_names, name="label"), item=item_codes[kept].astype(np.int64),

@@ -29,7 +29,7 @@ def find_shared_data() -> Path | None:
     return None
 
 
-def _read(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
@@ -47,13 +47,13 @@ def prepare(workdir: Path, *, items: int, anchor_share: float, seed: int) -> tup
     shared = find_shared_data()
     rng = random.Random(seed)
     if shared:
-        train, test = _read(shared / "banking77" / "train.csv"), _read(shared / "banking77" / "test.csv")
+        train, test = read_rows(shared / "banking77" / "train.csv"), read_rows(shared / "banking77" / "test.csv")
         anchors = rng.sample(train, max(1, round(anchor_share * len(train))))
         tasks = rng.sample(test, min(items, len(test)))
         source = f"Banking77 from {shared}: {len(anchors)} anchors ({anchor_share:.0%} of train), " \
                  f"{len(tasks)} test items"
     else:
-        anchors, tasks = _read(SAMPLES / "banking77_anchors.csv"), _read(SAMPLES / "banking77_tasks.csv")
+        anchors, tasks = read_rows(SAMPLES / "banking77_anchors.csv"), read_rows(SAMPLES / "banking77_tasks.csv")
         tasks = rng.sample(tasks, min(items, len(tasks)))
         source = f"bundled Banking77 sample: {len(anchors)} anchors, {len(tasks)} items"
     _write(workdir / "anchors.csv", anchors)
@@ -106,7 +106,7 @@ def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_m
         if server is not None:
             local_llm.stop(server)
     records = job.read_jsonl(out)
-    gold = [r["category"] for r in _read(tasks)]
+    gold = [r["category"] for r in read_rows(tasks)]
     print(result_table(records, gold, report))
     print(f"annotations: {out}\nreport: {workdir / 'report.json'}")
     return report

@@ -8,7 +8,6 @@ with the same ``--workdir`` reuses the Label Studio data, the project and the ba
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import secrets
@@ -22,7 +21,7 @@ from typing import Any
 import requests
 
 from backend import local_llm
-from backend.demo import prepare
+from backend.demo import prepare, read_rows
 from backend.studio import launch
 
 PROJECT_TITLE = "Banking77 (HCC demo)"
@@ -71,11 +70,6 @@ def _label_config(labels: list[str]) -> str:
     return ('<View>\n  <Text name="text" value="$text"/>\n'
             f'  <Choices name="intent" toName="text" choice="single" showInline="false">\n{choices}  </Choices>\n'
             '</View>')
-
-
-def _read(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def run_studio_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_model: str | None,
@@ -171,7 +165,7 @@ def _project(ls_url: str, api_key: str, backend_url: str, anchors_csv: Path, tas
     from label_studio_sdk import LabelStudio
 
     ls = LabelStudio(base_url=ls_url, api_key=api_key)
-    anchors, tasks = _read(anchors_csv), _read(tasks_csv)
+    anchors, tasks = read_rows(anchors_csv), read_rows(tasks_csv)
     existing = [p for p in ls.projects.list() if p.title == PROJECT_TITLE]
     if existing:
         project = existing[0]
