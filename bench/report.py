@@ -24,7 +24,9 @@ def encoder_table(result: dict) -> list[str]:
              "| classifier | accuracy |", "|---|---|"]
     lines += [f"| {name} | {pct(acc)} |" for name, acc in result["encoder_full_test"].items()]
     speed = result["speed"]
-    lines += ["", f"Speed: encoder {speed['encoder_sentences_per_s']} sentences/s (no cache); "
+    rates = ", ".join(f"{v} ({k.removeprefix('encoder_sentences_per_s').strip('_') or 'float32'})"
+                      for k, v in speed.items() if k.startswith("encoder_sent"))
+    lines += ["", f"Speed: encoder {rates} sentences/s (no cache); "
               f"class scores + 2 DCCA rounds over 10,000 items: {speed['as_dcca_10k_items_s']} s.", ""]
     return lines
 

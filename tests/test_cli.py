@@ -185,3 +185,32 @@ def test_main_job_prelabels_a_project_and_stops(tmp_path: Path, llm_server: str,
     assert summary["label_studio"] == label_studio["url"]
     assert "api_key" not in summary and "Needs review" in proc.stdout
     assert (tmp_path / "run" / "backend.log").exists()
+
+
+def test_encoder_list_and_pull_errors(tmp_path: Path) -> None:
+    proc = run_hcc("encoder", "list", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("all-MiniLM-L6-v2 (default)") and "not on disk" not in lines[0]
+    assert lines[1].startswith("all-mpnet-base-v2") and lines[1].endswith("[not on disk]")  # empty HCC_CACHE_DIR
+    proc = run_hcc("encoder", "pull", "nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown packaged encoder 'nope'" in proc.stderr
+
+
+def test_annotate_with_an_encoder_that_is_not_pulled_says_how_to_get_it(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                   "--no-llm", "--quiet", "--encoder", "all-mpnet-base-v2", cwd=files)
+    assert proc.returncode == 2
+    assert "hcc encoder pull all-mpnet-base-v2" in proc.stderr
+    assert not (files / "out.jsonl").exists() or not (files / "out.jsonl").read_text()
+
+
+def test_annotate_in_float32_and_bfloat16_gives_the_same_labels(files: Path) -> None:
+    labels = {}
+    for precision in ("float32", "bfloat16"):
+        out = files / f"{precision}.jsonl"
+        proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", out.name,
+                       "--no-llm", "--quiet", "--encoder-precision", precision, cwd=files)
+        assert proc.returncode == 0, proc.stderr
+        labels[precision] = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert labels["float32"] == labels["bfloat16"] == ["card_arrival", None, "exchange_rate", "forgot_pin"]

@@ -8,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 
-from backend.encoder import Encoder, EncoderError
+from backend.encoder import Encoder, EncoderError, cpu_has_native_bf16, resolve_precision
 
 DIM = 384
 SENTENCES = [
@@ -107,3 +107,45 @@ def test_unknown_model_raises_clear_error_without_network(monkeypatch):
     assert "local sentence-transformers directory" in message
     assert attempts == []
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+# -- precision -------------------------------------------------------------------------------------
+CPUINFO_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
+CPUINFO_PLAIN = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert cpu_has_native_bf16(CPUINFO_BF16)
+    assert cpu_has_native_bf16("flags : sse amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16(CPUINFO_PLAIN)
+    assert not cpu_has_native_bf16("")
+
+
+def test_precision_comes_from_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.delenv("HCC_ENCODER_PRECISION", raising=False)
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("BFloat16") == "bfloat16"
+    assert resolve_precision(None) in ("float32", "bfloat16")  # auto: depends on this CPU
+    assert resolve_precision("auto", device="cuda") == "float32"
+    monkeypatch.setenv("HCC_ENCODER_PRECISION", "float32")
+    assert resolve_precision(None) == "float32"
+    assert resolve_precision("bfloat16") == "bfloat16"  # an explicit argument wins
+
+
+def test_a_bad_precision_names_the_setting(monkeypatch):
+    monkeypatch.setenv("HCC_ENCODER_PRECISION", "fp8")
+    with pytest.raises(EncoderError, match="HCC_ENCODER_PRECISION.*fp8|fp8.*HCC_ENCODER_PRECISION"):
+        Encoder()
+
+
+def test_bfloat16_vectors_match_float32_and_keep_their_own_cache(tmp_path):
+    exact = Encoder(cache_dir=tmp_path, precision="float32")
+    reference = exact.encode(SENTENCES)
+    fast = Encoder(cache_dir=tmp_path, precision="bfloat16")
+    assert fast.identity != exact.identity
+    out = fast.encode(SENTENCES)
+    assert fast.encoded_count == len(SENTENCES)  # not served from the float32 vectors in the same cache dir
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert (out * reference).sum(axis=1).min() > 0.99
+    assert not np.array_equal(out, reference)  # really computed in the other precision

@@ -70,7 +70,8 @@ class HCCService:
     def encoder(self) -> Encoder:
         with self._lock:
             if self._encoder is None:
-                self._encoder = Encoder(self.settings.encoder, cache_dir=self.settings.cache_dir / "embeddings")
+                self._encoder = Encoder(self.settings.encoder, cache_dir=self.settings.cache_dir / "embeddings",
+                                        precision=self.settings.encoder_precision)
             return self._encoder
 
     def client(self) -> StudioClient:

@@ -13,6 +13,7 @@
 | ``HCC_LLM_CONCURRENCY`` | parallel LLM requests | ``4`` |
 | ``HCC_LLM_LOGPROBS`` | ask for token logprobs (``0`` is faster) | ``1`` |
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
+| ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
 | ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
 | ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backend import __version__
-from backend.encoder import DEFAULT_ENCODER
+from backend.encoder import DEFAULT_ENCODER, resolve_precision
 from backend.hcc import HCCConfig
 
 
@@ -54,6 +55,7 @@ class Settings:
     llm_concurrency: int = 4
     llm_logprobs: bool = True
     encoder: str = DEFAULT_ENCODER
+    encoder_precision: str = "float32"  # resolved: float32 or bfloat16
     from_name: str = ""
     review_threshold: float = 0.5
     calibration: bool = True
@@ -77,6 +79,7 @@ class Settings:
             llm_concurrency=int(env("HCC_LLM_CONCURRENCY", "") or 4),
             llm_logprobs=_flag("HCC_LLM_LOGPROBS", True),
             encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
+            encoder_precision=resolve_precision(env("HCC_ENCODER_PRECISION", "") or "auto"),
             from_name=env("HCC_FROM_NAME", ""),
             review_threshold=float(env("HCC_REVIEW_THRESHOLD", "") or 0.5),
             calibration=_flag("HCC_CALIBRATION", True),
@@ -87,8 +90,9 @@ class Settings:
     @property
     def model_version(self) -> str:
         """Stable for one configuration, so Label Studio's score column keeps matching after updates."""
-        identity = {"encoder": self.encoder, "llm": self.llm_model if self.llm_base_url else None,
-                    "structured": self.llm_structured, "hcc": asdict(self.hcc)}
+        identity = {"encoder": self.encoder, "precision": self.encoder_precision,
+                    "llm": self.llm_model if self.llm_base_url else None, "structured": self.llm_structured,
+                    "hcc": asdict(self.hcc)}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"hcc-{__version__}-{digest}"
 
