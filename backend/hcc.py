@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from backend.anchors import CLASSIFIERS, Vote, class_scores, knn_vote, nearest_of_label
+from backend.llm import LLMAnswer
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,19 @@ def _round_vote(queries, ref_vecs, ref_labels, *, method, k, weighted, n_classes
     valid = (neighbourhood.neighbours >= 0).sum(axis=1)
     shares = ((near == scored.labels[:, None]).sum(axis=1) / np.maximum(valid, 1)).astype(np.float32)
     return Vote(scored.labels, shares, neighbourhood.neighbours)
+
+
+def stored_answers(records: Sequence[dict[str, Any]], views: Iterable[str]) -> dict[str, list[LLMAnswer]]:
+    """Rebuild each view's LLM answers from stored records, so a re-vote needs no LLM call."""
+    answers: dict[str, list[LLMAnswer]] = {}
+    for view in views:
+        answers[view] = [
+            LLMAnswer(label=r.get(f"llm_{view}"), valid=r.get(f"llm_{view}") is not None,
+                      raw=r.get(f"llm_{view}_raw", ""), probability=r.get(f"llm_{view}_probability"),
+                      error=r.get(f"llm_{view}_error"), cached=True)
+            for r in records
+        ]
+    return answers
 
 
 @dataclass

@@ -17,8 +17,8 @@ import numpy as np
 
 from backend.calibration import Calibrator, fit_calibrator, threshold_for_precision
 from backend.data import MAX_TEXT_CHARS
-from backend.hcc import HCCPipeline
-from backend.llm import LLMAnnotator, LLMAnswer
+from backend.hcc import HCCPipeline, stored_answers
+from backend.llm import LLMAnnotator
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
@@ -104,19 +104,6 @@ def review_score(record: dict[str, Any]) -> float:
     if record.get("stage") in NOT_FLAGGED:
         return round(0.5 + 0.5 * score, 4)
     return round(min(0.5 * score, 0.4999), 4)
-
-
-def stored_answers(records: Sequence[dict[str, Any]], views: Iterable[str]) -> dict[str, list[LLMAnswer]]:
-    """Rebuild each view's LLM answers from stored records, so a re-vote needs no LLM call."""
-    answers: dict[str, list[LLMAnswer]] = {}
-    for view in views:
-        answers[view] = [
-            LLMAnswer(label=r.get(f"llm_{view}"), valid=r.get(f"llm_{view}") is not None,
-                      raw=r.get(f"llm_{view}_raw", ""), probability=r.get(f"llm_{view}_probability"),
-                      error=r.get(f"llm_{view}_error"), cached=True)
-            for r in records
-        ]
-    return answers
 
 
 class ProjectModel:
