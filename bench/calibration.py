@@ -55,7 +55,7 @@ from backend.calibration import (  # noqa: E402
 )
 from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
 from backend.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
-from backend.hcc import HCCConfig, HCCPipeline, encoder_probabilities  # noqa: E402
+from backend.hcc import HCCConfig, HCCPipeline, encoder_probabilities, stored_answers  # noqa: E402
 from backend.llm import LLMAnnotator  # noqa: E402
 from backend.signals import add_self_consistency, logit, signal_features  # noqa: E402
 from bench.banking77 import DATA, read  # noqa: E402
@@ -64,6 +64,9 @@ RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3)
 BUDGETS = (0.01, 0.05)
 TARGETS = (0.9, 0.95)
+#: Runs simulated with the learning loop, and the classifiers tried there (an LLM run with another classifier
+#: asks the LLM again where that classifier's label, i.e. the hint, differs).
+LEARNING_LOOP_RUNS = {"hcc-1000": ("centroid", "ensemble"), "encoder-3080": ("centroid", "ensemble")}
 
 
 # -- the runs ----------------------------------------------------------------------------------------------
@@ -81,8 +84,9 @@ def load() -> tuple[list[str], list[dict], list[dict], list[dict], list[dict]]:
     return labels, anchors, test, sample, rest
 
 
-def pipeline(enc: Encoder, labels: list[str], anchors: list[dict], llm: Any = None) -> HCCPipeline:
-    pipe = HCCPipeline(enc, labels, llm=llm, config=HCCConfig())
+def pipeline(enc: Encoder, labels: list[str], anchors: list[dict], llm: Any = None, *,
+             classifier: str = HCCConfig.classifier) -> HCCPipeline:
+    pipe = HCCPipeline(enc, labels, llm=llm, config=HCCConfig(classifier=classifier))
     pipe.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
     return pipe
 
@@ -129,6 +133,65 @@ def runs(args: argparse.Namespace) -> dict[str, tuple[list[dict], list[str]]]:
         out[name] = (res.records, gold)
         out[f"{name}, free signals"] = (out["hcc-1000"][0][: len(items)], gold)
     return out
+
+
+# -- the backend's learning loop ------------------------------------------------------------------------------
+
+
+def loop_answers(records: list[dict], pipe: HCCPipeline) -> dict[str, list] | None:
+    views = [v for v in pipe.config.llm_views if f"llm_{v}" in records[0]]
+    return stored_answers(records, views) if views else None
+
+
+def review_loop(pipe: HCCPipeline, records: list[dict], gold: list[str], *, step: float = 0.01,
+                fractions=FRACTIONS) -> dict[str, Any]:
+    """Dataset accuracy after reviewing x% of the items the way the Label Studio backend runs it.
+
+    The reviewer works down the "Needs review" tab (lowest calibrated score first) ``step`` of the items at a
+    time; after each batch the backend does what it does on every submitted annotation: the reviewed items
+    become anchors, every other item is re-labelled from its stored LLM answers (no new LLM call: new encoder
+    label, consistency and DCCA), the calibrator is refitted on all (prediction at review time, human label)
+    pairs, and the tab is re-sorted. ``pipe`` holds the run's own anchors; it is restored afterwards.
+    """
+    n = len(records)
+    texts = [r["text"] for r in records]
+    answers = loop_answers(records, pipe)
+    base_texts, base_labels = list(pipe.anchor_texts), [pipe.labels[i] for i in pipe.anchor_labels]
+    reviewed = np.zeros(n, bool)
+    pair_rows: list[np.ndarray] = []
+    pair_right: list[bool] = []
+    names: list[str] | None = None
+    current = records
+    curve: dict[float, float] = {}
+    methods: list[str] = []
+    batch = max(1, round(step * n))
+    try:
+        for x in sorted(fractions):
+            while reviewed.sum() < round(x * n):
+                feats = signal_features(current, names=names)
+                names = feats.names
+                cal = Calibrator(random_state=0)
+                if pair_rows:
+                    cal.fit(np.vstack(pair_rows), np.array(pair_right), feature_names=names)
+                else:
+                    cal.fit(np.zeros((0, len(names))), np.zeros(0, bool), feature_names=names)
+                methods.append(cal.method_)
+                score = cal.predict_proba(feats.values)
+                score[reviewed] = np.inf
+                take = np.argsort(score, kind="stable")[: min(batch, round(x * n) - int(reviewed.sum()))]
+                for i in take:
+                    pair_rows.append(feats.values[i])
+                    pair_right.append(current[i]["label"] == gold[i])
+                reviewed[take] = True
+                done = np.flatnonzero(reviewed)
+                pipe.set_anchors(base_texts + [texts[i] for i in done], base_labels + [gold[i] for i in done])
+                current = pipe.annotate(texts, answers=answers).records
+            right = np.array([reviewed[i] or current[i]["label"] == gold[i] for i in range(n)])
+            curve[float(x)] = float(right.mean())
+    finally:
+        pipe.set_anchors(base_texts, base_labels)
+    used = sorted(set(methods))
+    return {"effort": curve, "step": step, "calibrator_methods": used}
 
 
 # -- scoring -----------------------------------------------------------------------------------------------
@@ -274,6 +337,11 @@ def markdown(result: dict[str, Any]) -> str:
             method = ", ".join(cell["method"]) if "method" in cell else ""
             lines.append(f"| {key} | {fmt(cell.get('ece'))} | {fmt(cell.get('brier'))} | {fmt(cell.get('auroc'))} "
                          f"| {sel_txt} | {eff} | {method} |")
+        for classifier, loop in run.get("learning_loop", {}).items():
+            eff = " / ".join(f"{100 * v:.1f}" for v in loop["effort"].values())
+            lines.append(f"| **calibrated, with the backend's learning loop**, {classifier} classifier (all items; "
+                         f"reviews become anchors, re-vote and re-sort every {loop['step']:.0%}) | - | - | - | - | "
+                         f"**{eff}** | {', '.join(loop['calibrator_methods'])} |")
         lines += [""]
         prec = [(k, v) for k, v in summ.items() if isinstance(v, dict) and "precision" in v]
         if prec:
@@ -308,8 +376,16 @@ def main() -> int:
     result: dict[str, Any] = {"protocol": {"anchors": "5% of train, random.Random(0)", "review_budgets": BUDGETS,
                                            "held_out": "95% of each run's items", "seeds": args.seeds,
                                            "ece_bins": 10, "self_consistency_k": args.k}, "runs": {}}
+    labels, anchors, *_ = load()
+    enc = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings")
     for name, (records, gold) in runs(args).items():
         result["runs"][name] = evaluate(records, gold, seeds=args.seeds)
+        for classifier in LEARNING_LOOP_RUNS.get(name, ()):
+            llm = annotator(labels, args.llm_base_url, logprobs=False) if "llm_hinted" in records[0] else None
+            pipe = pipeline(enc, labels, anchors, llm, classifier=classifier)
+            start = pipe.annotate([r["text"] for r in records]).records
+            loop = review_loop(pipe, start, gold)
+            result["runs"][name].setdefault("learning_loop", {})[classifier] = loop
         print(f"{name}: done", file=sys.stderr, flush=True)
         if name == "hcc-1000":
             reliability_png(records, gold, RESULTS / "calibration_reliability.png")

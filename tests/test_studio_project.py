@@ -301,3 +301,15 @@ def test_anchors_from_tasks_keeps_only_usable_annotations(model: ProjectModel, c
         anchors = model.anchors_from_tasks(tasks)
     assert anchors == [Anchor(11, 1, "nice", "positive"), Anchor(22, 2, "meh", "negative")]
     assert any("31" in r.getMessage() and "task 3" in r.getMessage() for r in caplog.records)
+
+
+def test_settings_read_the_classifier_and_precision_and_refuse_bad_values(monkeypatch) -> None:
+    monkeypatch.setenv("HCC_CLASSIFIER", "Ensemble")
+    monkeypatch.setenv("HCC_ENCODER_PRECISION", "float32")
+    settings = Settings.from_env()
+    assert settings.hcc.classifier == "ensemble" and settings.encoder_precision == "float32"
+    monkeypatch.setenv("HCC_ENCODER_PRECISION", "bfloat16")
+    assert Settings.from_env().model_version != settings.model_version  # other vectors, other predictions
+    monkeypatch.setenv("HCC_CLASSIFIER", "knn")
+    with pytest.raises(ValueError, match="HCC_CLASSIFIER must be one of .*'knn'"):
+        Settings.from_env()

@@ -14,6 +14,7 @@
 | ``HCC_LLM_LOGPROBS`` | ask for token logprobs (``0`` is faster) | ``1`` |
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
+| ``HCC_CLASSIFIER`` | ``centroid`` (best before reviews), ``ensemble`` (learns faster), ``topk_mean`` | ``centroid`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
 | ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
 | ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backend import __version__
+from backend.anchors import CLASSIFIERS
 from backend.encoder import DEFAULT_ENCODER, resolve_precision
 from backend.hcc import HCCConfig
 
@@ -85,6 +87,7 @@ class Settings:
             calibration=_flag("HCC_CALIBRATION", True),
             target_precision=float(env("HCC_TARGET_PRECISION", "") or 0.95),
             prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
+            hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier),
         )
 
     @property
@@ -102,3 +105,10 @@ class Settings:
     @property
     def cache_dir(self) -> Path:
         return self.model_dir / "cache"
+
+
+def _hcc_config(classifier: str) -> HCCConfig:
+    config = HCCConfig(classifier=classifier.strip().lower())
+    if config.classifier not in CLASSIFIERS:
+        raise ValueError(f"HCC_CLASSIFIER must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    return config
