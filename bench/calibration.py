@@ -19,6 +19,7 @@ Runs:
     .venv/bin/python bench/calibration.py --llm-items 300 --llm-base-url http://127.0.0.1:8092/v1
     .venv/bin/python bench/calibration.py --markdown            # print the tables of docs/benchmarks.md
     .venv/bin/python bench/calibration.py --design              # how the constants were chosen (train split)
+    .venv/bin/python bench/calibration.py --anchor-draws 5      # headline numbers over 5 draws of the anchors
 
 --design reproduces the choices made without the test split: the encoder softmax temperature and the prior
 mapping (fitted on 2,000 train items that are not anchors), and the calibrator's shift scale and selection
