@@ -132,6 +132,51 @@ def nearest_of_label(
     return out
 
 
+@dataclass
+class CrossCheck:
+    """Each anchor classified by the anchors of the other folds (:func:`cross_check_anchors`)."""
+
+    scores: ClassScores  # of every anchor, from the other folds' anchors
+    nearest: np.ndarray  # (n,) cosine to the nearest other-fold anchor carrying the predicted label
+    usable: np.ndarray  # (n,) bool: the anchor's own class kept an anchor in the other folds
+
+
+def cross_check_anchors(
+    anchors: np.ndarray,
+    anchor_labels: np.ndarray,
+    n_classes: int,
+    *,
+    method: str = "topk_mean",
+    k: int = 3,
+    folds: int = 20,
+    seed: int = 0,
+) -> CrossCheck:
+    """Classify every anchor with :func:`class_scores` over the anchors of the other ``folds`` folds.
+
+    Folds are a seeded random partition (``folds`` is capped at the number of anchors, so small sets are
+    left-one-out). An anchor whose class has no anchor in the other folds cannot be classified right by
+    construction, a situation a real item of a class with anchors never meets: ``usable`` is False there.
+    """
+    anchor_labels = np.asarray(anchor_labels, dtype=np.int64)
+    n = len(anchor_labels)
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    scores = np.full((n, n_classes), -np.inf, dtype=np.float32)
+    nearest = np.full(n, -np.inf, dtype=np.float32)
+    usable = np.zeros(n, dtype=bool)
+    if n >= 2:
+        anchors = _ensure_2d(anchors)
+        fold = np.random.default_rng(seed).permutation(n) % min(folds, n)
+        for f in np.unique(fold):
+            held, rest = fold == f, fold != f
+            scored = class_scores(anchors[held], anchors[rest], anchor_labels[rest], n_classes, k=k, method=method)
+            scores[held] = scored.scores
+            nearest[held] = nearest_of_label(anchors[held], anchors[rest], anchor_labels[rest], scored.labels)
+            usable[held] = np.isin(anchor_labels[held], anchor_labels[rest])
+    labels = np.where(np.isfinite(scores).any(axis=1), scores.argmax(axis=1), -1) if n else np.zeros(0, int)
+    return CrossCheck(ClassScores(scores, labels.astype(np.int64), _margins(scores)), nearest, usable)
+
+
 def knn_vote(
     queries: np.ndarray,
     references: np.ndarray,

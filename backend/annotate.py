@@ -87,6 +87,8 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
     texts = [t[: data.MAX_TEXT_CHARS] for t in table.texts()]
     skip = [not t.strip() for t in texts]
     result = pipeline.annotate(texts, skip=skip, progress=opts.progress)
+    if opts.progress:
+        print(f"prior: {pipeline.prior().message}", file=sys.stderr)
     if opts.self_consistency and pipeline.llm is not None:
         _add_self_consistency(result, pipeline.llm, opts)
     problems_by_row: dict[int, list[str]] = {}

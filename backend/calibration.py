@@ -39,28 +39,26 @@ from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 
+from backend.prior import PRIOR
 from backend.signals import Signals, logit, signal_features
 
 METHODS = ("prior", "platt", "isotonic", "logistic")
 
-#: The prior mapping: log-odds = intercept + sum(weight * feature). Fitted by logistic regression of the
-#: encoder's correctness on 2,000 Banking77 train items that are not anchors (seeded, 500 anchors, MiniLM,
-#: centroid classifier); no test item was used. The first variant whose features are all present is used.
-PRIOR: tuple[tuple[float, dict[str, float]], ...] = (
-    (-3.32, {"encoder_logit": 0.678, "anchor_similarity": 4.88}),
-    (0.01, {"encoder_logit": 0.875}),
-)
 _EPS = 1e-4  # probabilities stay inside [_EPS, 1 - _EPS]: a finite log loss, no 0 or 1 from few pairs
 _FIT_TOL = 1e-4  # a near-zero penalty on the Platt slope and intercept keeps single-class fits finite
 
 
 def prior_log_odds(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
-    """The prior mapping's log-odds of each row (see :data:`PRIOR`).
+    """The prior mapping's log-odds of each row.
 
-    Without the encoder's probability (records of an older run) the uncalibrated ``agreement_score``
-    is read as a probability; without that either, every item gets even odds.
+    Records carry it as ``prior_probability`` (feature ``prior_logit``): the mapping of the run's anchors
+    (``backend/prior.py``). Records of an older run fall back to the packaged :data:`PRIOR` on their encoder
+    signals; without the encoder's probability the uncalibrated ``agreement_score`` is read as a
+    probability; without that either, every item gets even odds.
     """
     values = np.asarray(values, dtype=np.float64)
+    if "prior_logit" in names:
+        return values[:, list(names).index("prior_logit")].copy()
     for intercept, weights in PRIOR:
         if all(name in names for name in weights):
             z = np.full(len(values), intercept)
@@ -208,7 +206,8 @@ class Calibrator:
         if method == "isotonic":
             return _fit_isotonic(z0, y)
         c = float(method[len("logistic(C="):-1])
-        keep = np.flatnonzero(X.std(axis=0) > 1e-9)  # a constant column (e.g. no logprobs) says nothing
+        # A constant column (e.g. no logprobs) says nothing; the prior's own log-odds is z0 already.
+        keep = np.flatnonzero((X.std(axis=0) > 1e-9) & (np.array(self.feature_names_) != "prior_logit"))
         mean, scale = X[:, keep].mean(axis=0), X[:, keep].std(axis=0)
         design = np.column_stack([z0, np.ones(len(y)), (X[:, keep] - mean) / scale])
         coef = _fit_logistic(design, y, penalty=[_FIT_TOL, _FIT_TOL] + [1 / c] * len(keep))

@@ -42,6 +42,9 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--few-shot-examples", type=int, default=HCCConfig.few_shot_examples)
     g.add_argument("--candidates", type=int, default=HCCConfig.candidates,
                    help="restrict the few-shot view to the encoder's top N classes (0: all labels)")
+    g.add_argument("--packaged-prior", action="store_true",
+                   help="keep the packaged prior mapping of P(right) (docs/calibration.md) instead of rescaling it "
+                        "on the anchors when they show it does not fit this data")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="embedding and LLM response cache (default: $HCC_CACHE_DIR or ~/.cache/label-studio-hcc)")
 
@@ -50,7 +53,8 @@ def _hcc_config(args: argparse.Namespace) -> HCCConfig:
     views = tuple(v.strip() for v in args.views.split(",") if v.strip())
     return HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, vote_method=args.vote_method,
                      rounds=args.rounds, weighted_vote=args.weighted_vote, unresolved=args.unresolved, llm_views=views,
-                     few_shot_examples=args.few_shot_examples, candidates=args.candidates)
+                     few_shot_examples=args.few_shot_examples, candidates=args.candidates,
+                     adapt_prior=not args.packaged_prior)
 
 
 def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> None:

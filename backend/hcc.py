@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from backend.anchors import CLASSIFIERS, Vote, class_scores, knn_vote, nearest_of_label
+from backend.anchors import CLASSIFIERS, Vote, class_scores, cross_check_anchors, knn_vote, nearest_of_label
 from backend.llm import LLMAnswer
+from backend.prior import PriorMapping, fit_prior
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class HCCConfig:
     llm_views: tuple[str, ...] = ("zero_shot", "hinted")
     few_shot_examples: int = 8  # retrieved anchors shown in the few-shot view
     candidates: int = 0  # >0: the few-shot view may only answer one of the encoder's top classes
+    adapt_prior: bool = True  # rescale the prior mapping on cross-checked anchors (backend/prior.py)
     eps: float = 1e-6
 
     def validate(self) -> None:
@@ -200,14 +202,42 @@ class HCCPipeline:
         self.anchor_texts: list[str] = []
         self.anchor_vectors = np.zeros((0, 0), np.float32)
         self.anchor_labels = np.zeros(0, np.int64)
+        self.anchor_cross_check = np.zeros(0, bool)
+        self._prior: PriorMapping | None = None
 
-    def set_anchors(self, texts: Sequence[str], labels: Sequence[str]) -> None:
+    def set_anchors(self, texts: Sequence[str], labels: Sequence[str], *,
+                    cross_check: Sequence[bool] | None = None) -> None:
+        """Replace the anchors. ``cross_check`` marks the anchors the prior mapping may be fitted on (default
+        all): leave out those a human labelled *because* the review order put them first, a sample of hard
+        items that the calibrator already learns from as (prediction, human label) pairs."""
+        if cross_check is not None and len(cross_check) != len(texts):
+            raise ValueError(f"{len(texts)} anchors but {len(cross_check)} cross_check flags")
         unknown = sorted({lab for lab in labels if lab not in self.index_of})
         if unknown:
             raise ValueError(f"anchor labels not in the label set: {unknown[:5]}")
         self.anchor_texts = list(texts)
         self.anchor_vectors = self.encoder.encode(self.anchor_texts)
         self.anchor_labels = np.array([self.index_of[lab] for lab in labels], dtype=np.int64)
+        self.anchor_cross_check = np.ones(len(texts), bool) if cross_check is None else np.array(cross_check, bool)
+        self._prior = None  # refitted on the new anchors when next needed
+
+    def prior(self) -> PriorMapping:
+        """The prior mapping of P(right) from the encoder's signals, rescaled on these anchors when that
+        fits them better than the packaged one (see :mod:`backend.prior`); computed once per anchor set."""
+        if self._prior is None:
+            if not self.config.adapt_prior:
+                self._prior = PriorMapping(message="packaged prior mapping (adapt_prior is off)")
+            else:
+                self._prior = self._anchor_prior()
+        return self._prior
+
+    def _anchor_prior(self) -> PriorMapping:
+        check = cross_check_anchors(self.anchor_vectors, self.anchor_labels, len(self.labels),
+                                    method=self.config.classifier, k=self.config.k)
+        rows = np.flatnonzero(check.usable & self.anchor_cross_check)
+        predicted = check.scores.labels[rows]
+        probability = encoder_probabilities(check.scores.scores[rows])[np.arange(len(rows)), predicted]
+        return fit_prior(probability, check.nearest[rows], predicted == self.anchor_labels[rows])
 
     def classes_without_anchors(self) -> list[str]:
         counts = np.bincount(self.anchor_labels, minlength=len(self.labels))
@@ -328,6 +358,8 @@ class HCCPipeline:
         probs = encoder_probabilities(scored.scores)
         near = (nearest_of_label(vectors, self.anchor_vectors, self.anchor_labels, result.labels)
                 if vectors is not None and len(active) and len(self.anchor_labels) else np.full(len(active), -np.inf))
+        final_probs = probs[np.arange(len(active)), np.maximum(result.labels, 0)] if len(active) else np.zeros(0)
+        prior = self.prior().probability(final_probs, near) if len(active) else np.zeros(0)
         records: list[dict[str, Any]] = [
             {"text": texts[i], "label": None, "stage": "skipped", "score": 0.0} for i in range(len(texts))
         ]
@@ -343,6 +375,7 @@ class HCCPipeline:
                 "encoder_margin": round(float(scored.margins[pos]), 6),
                 "encoder_probability": round(float(probs[pos, final]), 6) if final != INVALID else 0.0,
                 "anchor_similarity": _finite(near[pos]),
+                "prior_probability": round(float(prior[pos]), 6) if final != INVALID else 0.0,
             }
             for view in self.config.llm_views if views else ():
                 answer = views[view][pos]
@@ -372,6 +405,7 @@ class HCCPipeline:
             "items": len(records),
             "stages": stages,
             "anchors": int(len(self.anchor_labels)),
+            "prior": self.prior().as_dict(),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }

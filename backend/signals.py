@@ -19,6 +19,7 @@ import numpy as np
 
 from backend.data import MAX_TEXT_CHARS
 from backend.hcc import LLM_VIEWS
+from backend.prior import PRIOR
 
 SAMPLED_VIEWS = ("zero_shot", "hinted")
 
@@ -149,6 +150,7 @@ def signal_features(records: Sequence[Mapping[str, Any]], *, names: Sequence[str
 
     Features, each about the record's final ``label``:
 
+    * ``prior_logit``: log-odds of ``prior_probability``, the run's prior mapping (``backend/prior.py``);
     * ``encoder_logit`` (log-odds of ``encoder_probability``, the softmax of the encoder's class scores),
       ``encoder_score``, ``encoder_margin``, ``anchor_similarity`` (cosine to the nearest human anchor
       of that label);
@@ -184,6 +186,7 @@ def signal_features(records: Sequence[Mapping[str, Any]], *, names: Sequence[str
 
 
 _ENCODER_SIGNALS = (
+    ("prior_logit", "prior_probability"),
     ("encoder_logit", "encoder_probability"),
     ("encoder_score", "encoder_score"),
     ("encoder_margin", "encoder_margin"),
@@ -218,13 +221,16 @@ def _share(rec: Mapping[str, Any], key: str) -> float | None:
 def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
     label = rec.get("label")
     row: dict[str, float] = {}
-    prob = _share(rec, "encoder_probability")
-    if prob is not None:
-        row["encoder_logit"] = float(logit(prob))
-    for name, key in _ENCODER_SIGNALS[1:]:
+    for name, key in _ENCODER_SIGNALS[:2]:
+        prob = _share(rec, key)
+        if prob is not None:
+            row[name] = float(logit(prob))
+    for name, key in _ENCODER_SIGNALS[2:]:
         value = _number(rec, key)
         if value is not None:
             row[name] = value
+    if "prior_logit" not in row:  # a record of an older run: the packaged mapping of its encoder signals
+        row |= _packaged_prior(row)
     views = [v for v in LLM_VIEWS if f"llm_{v}" in rec]
     row["backs_encoder"] = float(rec.get("encoder_label") == label)
     for v in views:
@@ -252,6 +258,13 @@ def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
     if score is not None:
         row["agreement_score"] = score
     return row
+
+
+def _packaged_prior(row: Mapping[str, float]) -> dict[str, float]:
+    for intercept, weights in PRIOR:
+        if all(name in row for name in weights):
+            return {"prior_logit": intercept + sum(w * row[name] for name, w in weights.items())}
+    return {}
 
 
 def _last_vote_share(rec: Mapping[str, Any], label: Any) -> float:

@@ -332,3 +332,43 @@ def test_index_classify_matches_class_scores(index):
     want = class_scores(queries, vectors, labels, 3, k=2, method="ensemble")
     np.testing.assert_allclose(got.scores, want.scores)
     assert got.labels.tolist() == [0, 1, 2]
+
+
+# -- cross-checking the anchors --------------------------------------------------------------------------
+
+
+def test_cross_check_classifies_each_anchor_by_the_others():
+    # Two tight clusters and one stray anchor of class 0 sitting inside class 1's cluster.
+    vecs = units(0, 5, 10, 90, 95, 100, 92)
+    labels = np.array([0, 0, 0, 1, 1, 1, 0])
+    check = anchors_mod.cross_check_anchors(vecs, labels, 3, method="centroid", folds=len(labels))
+    assert check.scores.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert check.usable.all()
+    # Nearest other anchor carrying the predicted label: the stray's nearest class-1 anchor is 2 degrees away.
+    assert check.nearest[6] == pytest.approx(cosd(2), abs=1e-6)
+    assert check.nearest[0] == pytest.approx(cosd(5), abs=1e-6)
+    assert np.all(np.isinf(check.scores.scores[:, 2]))
+
+
+def test_cross_check_marks_a_class_left_without_anchors_unusable():
+    vecs = units(0, 5, 90, 95, 180)
+    labels = np.array([0, 0, 1, 1, 2])  # class 2 has a single anchor: held out, its class is empty
+    check = anchors_mod.cross_check_anchors(vecs, labels, 3, method="topk_mean", k=1, folds=5)
+    assert check.usable.tolist() == [True, True, True, True, False]
+    assert check.scores.labels[:4].tolist() == [0, 0, 1, 1]
+
+
+def test_cross_check_folds_are_capped_and_seeded():
+    vecs = units(*range(0, 120, 10))
+    labels = np.array([0] * 6 + [1] * 6)
+    a = anchors_mod.cross_check_anchors(vecs, labels, 2, method="ensemble", folds=50, seed=3)
+    b = anchors_mod.cross_check_anchors(vecs, labels, 2, method="ensemble", folds=50, seed=3)
+    assert np.array_equal(a.scores.scores, b.scores.scores)
+    with pytest.raises(ValueError, match="folds"):
+        anchors_mod.cross_check_anchors(vecs, labels, 2, folds=1)
+
+
+def test_cross_check_with_fewer_than_two_anchors_is_empty():
+    check = anchors_mod.cross_check_anchors(units(0), np.array([0]), 2)
+    assert check.usable.tolist() == [False]
+    assert check.scores.labels.tolist() == [-1]

@@ -122,6 +122,19 @@ def test_constant_columns_are_ignored() -> None:
     assert np.isfinite(cal.predict_proba(X_const)).all()
 
 
+def test_the_runs_own_prior_is_the_base_and_not_a_second_feature() -> None:
+    X, y, _ = simulate(300, extra=1.0, seed=12)
+    own = -1.0 + 0.5 * X[:, :1]  # the prior_logit column: some run's rescaled mapping
+    names = ["prior_logit", *NAMES]
+    X_own = np.column_stack([own, X])
+    assert prior_log_odds(X_own, names) == pytest.approx(own[:, 0])
+    cal = Calibrator(methods=["logistic"]).fit(X_own, y, feature_names=names)
+    assert "prior_logit" not in cal.params_["features"]
+    fallback = Calibrator().fit(X_own[:5], y[:5], feature_names=names)
+    assert fallback.fallback_
+    assert fallback.predict_proba(X_own[:3]) == pytest.approx(expit(own[:3, 0] + fallback.params_["shift"]), abs=1e-4)
+
+
 def test_state_round_trips_through_json() -> None:
     X, y, _ = simulate(300, extra=1.0, seed=10)
     cal = Calibrator().fit(X, y, feature_names=NAMES)

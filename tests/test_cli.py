@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from backend.calibration import expected_calibration_error
 from tests.fault_server import FaultServer, fault_server_fixture, label  # noqa: F401 - registers the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +217,37 @@ def test_annotate_in_float32_and_bfloat16_gives_the_same_labels(files: Path) -> 
         assert proc.returncode == 0, proc.stderr
         labels[precision] = [json.loads(line)["label"] for line in out.read_text().splitlines()]
     assert labels["float32"] == labels["bfloat16"] == ["card_arrival", None, "exchange_rate", "forgot_pin"]
+
+
+SNOW_RTE_ITEMS = ROOT.parent / "shared" / "data" / "crowd_workers" / "snow2008_rte_items.csv"
+
+
+@pytest.mark.skipif(not SNOW_RTE_ITEMS.is_file(), reason="../shared/data/crowd_workers is not present")
+def test_annotate_rescales_the_prior_where_the_anchors_show_the_encoder_guessing(tmp_path: Path) -> None:
+    # Textual entailment: the encoder's nearest anchors say little about it (about half right), while the
+    # packaged mapping, fitted on Banking77, spreads its confidence as if they said a lot.
+    with SNOW_RTE_ITEMS.open(newline="", encoding="utf-8") as fh:
+        rows = [{"text": f"{r['text']} Hypothesis: {r['hypothesis']}",
+                 "label": ["not_entailment", "entailment"][int(r["gold"])]} for r in csv.DictReader(fh)]
+    for name, part in (("anchors.csv", rows[:200]), ("tasks.csv", rows[200:320])):
+        with (tmp_path / name).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    outputs = {}
+    for flag in ([], ["--packaged-prior"]):
+        proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                       "--no-llm", *flag, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        right = [r["label"] == t["label"] for r, t in zip(out, rows[200:320], strict=True)]
+        ece = expected_calibration_error([r["prior_probability"] for r in out], right)
+        outputs[bool(flag)] = (report["prior"], ece, np.mean(right))
+        assert f"prior: {report['prior']['message']}" in proc.stderr
+    (adapted, ece_adapted, right), (packaged, ece_packaged, _) = outputs[False], outputs[True]
+    assert 0.35 < right < 0.65
+    assert adapted["adapted"] and adapted["pairs"] == 200 and "rescaled on 200" in adapted["message"]
+    assert not packaged["adapted"] and "adapt_prior is off" in packaged["message"]
+    # Calibration error of the prior (no review yet) on the 120 items.
+    assert ece_adapted < 0.1 < ece_packaged

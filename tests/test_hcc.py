@@ -386,3 +386,49 @@ def test_defaults_are_the_banking77_ablation_winner() -> None:
     cfg = HCCConfig()
     assert (cfg.classifier, cfg.vote_method, cfg.unresolved, cfg.rounds) == ("centroid", "centroid", "encoder", 2)
     assert cfg.llm_views == ("zero_shot", "hinted")
+
+
+# -- the prior mapping of a run ----------------------------------------------------------------------------
+
+
+def test_records_carry_the_prior_mapping_of_their_encoder_signals():
+    from backend.prior import PriorMapping
+
+    pipe, _ = make_pipeline()
+    out = pipe.annotate(["cons", "bad", "lost"])
+    # Three anchors are too few to rescale the packaged mapping.
+    assert not pipe.prior().adapted and out.report["prior"]["adapted"] is False
+    assert "too few" in out.report["prior"]["message"]
+    for rec in out.records:
+        expected = PriorMapping().probability(rec["encoder_probability"], rec["anchor_similarity"])
+        assert rec["prior_probability"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_prior_is_rescaled_where_the_anchors_show_the_encoder_guessing():
+    # 2-D anchors at random angles with random labels: the encoder is a coin, yet every anchor has a very
+    # close neighbour, which the packaged mapping reads as a confident, likely right label.
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(0, 360, 240)
+    texts = [f"anchor {i}" for i in range(240)]
+    labels = [LABELS[int(x)] for x in rng.integers(0, 2, 240)]
+    items = {f"item {i}": float(a) for i, a in enumerate(rng.uniform(0, 360, 100))}
+    encoder = FixedEncoder({**dict(zip(texts, angles, strict=True)), **items})
+    pipe = HCCPipeline(encoder, LABELS)
+    pipe.set_anchors(texts, labels)
+    mapping = pipe.prior()
+    assert mapping.adapted and "rescaled on" in mapping.message
+    records = pipe.annotate(list(items)).records
+    probs = np.array([r["prior_probability"] for r in records])
+    assert 0.35 < probs.mean() < 0.65
+    off = HCCPipeline(encoder, LABELS, config=HCCConfig(adapt_prior=False))
+    off.set_anchors(texts, labels)
+    assert not off.prior().adapted and "adapt_prior is off" in off.prior().message
+    assert np.mean([r["prior_probability"] for r in off.annotate(list(items)).records]) > 0.75
+    # New anchors: the mapping is fitted again.
+    pipe.set_anchors(texts[:10], labels[:10])
+    assert not pipe.prior().adapted
+    # Only the flagged anchors fit it (here none: the packaged mapping, and the message says why).
+    pipe.set_anchors(texts, labels, cross_check=[False] * len(texts))
+    assert not pipe.prior().adapted and pipe.prior().pairs == 0
+    with pytest.raises(ValueError, match="240 anchors but 3 cross_check flags"):
+        pipe.set_anchors(texts, labels, cross_check=[True] * 3)

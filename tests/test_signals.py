@@ -137,10 +137,24 @@ def test_fixed_names_impute_what_older_records_lack() -> None:
     assert np.isfinite(s.values).all()
 
 
+def test_prior_logit_is_the_records_prior_else_the_packaged_mapping_of_its_signals() -> None:
+    from backend.prior import PriorMapping
+
+    new = hcc_record(prior_probability=0.3)
+    names = feature_names([new])
+    assert names[0] == "prior_logit"
+    old = hcc_record()  # written before records carried their run's prior mapping
+    s = signal_features([new, old], names=names)
+    packaged = PriorMapping().log_odds(old["encoder_probability"], old["anchor_similarity"])
+    assert s.column("prior_logit").tolist() == pytest.approx([float(logit(0.3)), float(packaged)])
+    assert "prior_logit" not in feature_names([old])
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"encoder_probability": "high"}, "'encoder_probability'"),
+        ({"prior_probability": 2.0}, "'prior_probability'"),
         ({"llm_zero_shot_probability": 1.5}, "'llm_zero_shot_probability'"),
         ({"llm_self_consistency": 0.5, "llm_samples": "a"}, "'llm_samples'"),
         ({"vote_round1": "a", "vote_round1_share": [1]}, "'vote_round1_share'"),

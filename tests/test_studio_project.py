@@ -261,6 +261,19 @@ def test_scores_are_the_agreement_score_until_enough_reviews_then_calibrated(mod
     assert batch.threshold == late.threshold  # a /predict batch reuses the project-wide threshold
 
 
+def test_reviewed_anchors_do_not_fit_the_prior_mapping(model: ProjectModel) -> None:
+    records, _ = model.label(item_tasks())
+    assert records[10]["prior_probability"] > 0
+    # A reviewer labels two predicted tasks: they become anchors, but not cross-check anchors.
+    model.store.put_anchor(Anchor(annotation_id=201, task_id=10, text="nice", label="positive"))
+    model.store.put_anchor(Anchor(annotation_id=202, task_id=12, text="meh", label="neutral"))
+    model.refresh_anchors()
+    pipe = model.pipeline
+    flags = dict(zip(pipe.anchor_texts, pipe.anchor_cross_check.tolist(), strict=True))
+    assert flags == {**dict.fromkeys(ANCHOR_TEXTS, True), "nice": False, "meh": False}
+    assert pipe.prior().pairs == len(ANCHOR_TEXTS)
+
+
 def test_stored_answers_round_trip_the_llm_answers(model: ProjectModel) -> None:
     records, _ = model.label(item_tasks())
     stored = model.store.items()  # through SQLite and JSON, as a re-vote gets them

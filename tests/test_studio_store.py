@@ -111,6 +111,13 @@ def test_items_put_update_and_delete(store: ProjectStore) -> None:
     assert list(store.items()) == [2]
 
 
+def test_predicted_tasks_are_those_with_a_labelled_record(store: ProjectStore) -> None:
+    store.put_items({1: {"text": "a", "label": "pos"}, 2: {"text": " ", "label": None}, 3: {"text": "c"}})
+    assert store.predicted_tasks() == {1}
+    store.put_items({2: {"text": "b", "label": "neg"}})
+    assert store.predicted_tasks() == {1, 2}
+
+
 def test_written_marks_survive_a_record_update(store: ProjectStore) -> None:
     store.put_items({1: {"label": "pos"}, 2: {"label": "neg"}})
     assert store.written() == {1: (None, None), 2: (None, None)}

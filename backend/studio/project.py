@@ -140,7 +140,11 @@ class ProjectModel:
             return
         with self._lock:
             anchors = self.store.anchors()
-            self.pipeline.set_anchors([a.text for a in anchors], [a.label for a in anchors])
+            # Anchors labelled after a prediction existed came from the review order (hard items): they are
+            # calibration pairs already and would bias the prior mapping's cross-check.
+            predicted = self.store.predicted_tasks()
+            self.pipeline.set_anchors([a.text for a in anchors], [a.label for a in anchors],
+                                      cross_check=[a.task_id not in predicted for a in anchors])
             self._revision = revision
 
     def anchors_from_tasks(self, tasks: Iterable[dict[str, Any]]) -> list[Anchor]:

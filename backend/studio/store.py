@@ -164,6 +164,11 @@ class ProjectStore:
         rows = self._db().execute("SELECT task_id, record FROM items ORDER BY task_id")
         return {task_id: json.loads(record) for task_id, record in rows}
 
+    def predicted_tasks(self) -> set[int]:
+        """Tasks whose stored record has a label: the backend predicted them."""
+        rows = self._db().execute("SELECT task_id FROM items WHERE json_extract(record, '$.label') IS NOT NULL")
+        return {row[0] for row in rows}
+
     def delete_items(self, task_ids: Iterable[int]) -> None:
         with self._tx() as db:
             db.executemany("DELETE FROM items WHERE task_id = ?", [(int(t),) for t in task_ids])
