@@ -150,12 +150,15 @@ def cross_check_anchors(
     k: int = 3,
     folds: int = 20,
     seed: int = 0,
+    predicted: np.ndarray | None = None,
 ) -> CrossCheck:
     """Classify every anchor with :func:`class_scores` over the anchors of the other ``folds`` folds.
 
     Folds are a seeded random partition (``folds`` is capped at the number of anchors, so small sets are
     left-one-out). An anchor whose class has no anchor in the other folds cannot be classified right by
     construction, a situation a real item of a class with anchors never meets: ``usable`` is False there.
+    ``predicted`` (one label per anchor, e.g. another encoder's cross-checked labels) replaces this
+    classifier's own label in ``nearest``; the same ``folds`` and ``seed`` give the same partition.
     """
     anchor_labels = np.asarray(anchor_labels, dtype=np.int64)
     n = len(anchor_labels)
@@ -171,7 +174,8 @@ def cross_check_anchors(
             held, rest = fold == f, fold != f
             scored = class_scores(anchors[held], anchors[rest], anchor_labels[rest], n_classes, k=k, method=method)
             scores[held] = scored.scores
-            nearest[held] = nearest_of_label(anchors[held], anchors[rest], anchor_labels[rest], scored.labels)
+            label = scored.labels if predicted is None else np.asarray(predicted, dtype=np.int64)[held]
+            nearest[held] = nearest_of_label(anchors[held], anchors[rest], anchor_labels[rest], label)
             usable[held] = np.isin(anchor_labels[held], anchor_labels[rest])
     labels = np.where(np.isfinite(scores).any(axis=1), scores.argmax(axis=1), -1) if n else np.zeros(0, int)
     return CrossCheck(ClassScores(scores, labels.astype(np.int64), _margins(scores)), nearest, usable)

@@ -28,6 +28,7 @@ class AnnotateOptions:
     label_field: str | None = None
     encoder: str = DEFAULT_ENCODER
     encoder_precision: str | None = None  # None: HCC_ENCODER_PRECISION, else auto
+    second_encoder: str | None = None  # a second encoder's opinion, a confidence signal (backend/prior.py)
     llm_base_url: str | None = None  # None: encoder only
     llm_model: str = "local"
     llm_api_key: str | None = None
@@ -65,6 +66,10 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: di
     cache = Path(opts.cache_dir) if opts.cache_dir else None
     encoder = Encoder(opts.encoder, cache_dir=cache / "embeddings" if cache else None,
                       show_progress=opts.progress or None, precision=opts.encoder_precision)
+    second = None
+    if opts.second_encoder:
+        second = Encoder(opts.second_encoder, cache_dir=cache / "embeddings" if cache else None,
+                         show_progress=opts.progress or None, precision=opts.encoder_precision)
     llm = None
     if opts.llm_base_url:
         llm = LLMAnnotator(
@@ -74,7 +79,7 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: di
             timeout=opts.llm_timeout, logprobs=opts.logprobs, structured=opts.structured,
         )
         llm.check()
-    return HCCPipeline(encoder, label_set, llm=llm, config=opts.hcc)
+    return HCCPipeline(encoder, label_set, llm=llm, config=opts.hcc, second_encoder=second)
 
 
 def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, opts: AnnotateOptions,

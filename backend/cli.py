@@ -28,6 +28,9 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-precision", choices=PRECISIONS, default=None,
                    help="encoder arithmetic: auto (bfloat16 where the CPU has it natively, else float32), "
                         "float32 or bfloat16 (default: HCC_ENCODER_PRECISION, else auto)")
+    g.add_argument("--second-encoder", default=None,
+                   help="a second encoder (e.g. all-mpnet-base-v2, after `hcc encoder pull`) whose opinion on each "
+                        "label sharpens the confidence score; it does not vote (docs/calibration.md)")
     g.add_argument("--k", type=int, default=HCCConfig.k, help="anchors per class in the class score")
     g.add_argument("--classifier", default=HCCConfig.classifier, choices=CLASSIFIERS)
     g.add_argument("--vote-k", type=int, default=HCCConfig.vote_k, help="neighbours per DCCA vote")
@@ -165,7 +168,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     opts = AnnotateOptions(
         labels_file=args.labels, text_field=args.text_field, label_field=args.label_field,
-        encoder=args.encoder, encoder_precision=args.encoder_precision,
+        encoder=args.encoder, encoder_precision=args.encoder_precision, second_encoder=args.second_encoder,
         llm_base_url=None if args.no_llm else args.llm_base_url,
         llm_model=args.llm_model, llm_api_key=os.environ.get("OPENAI_API_KEY"),
         llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout, logprobs=not args.no_logprobs,

@@ -23,7 +23,7 @@ import numpy as np
 
 from backend.anchors import CLASSIFIERS, Vote, class_scores, cross_check_anchors, knn_vote, nearest_of_label
 from backend.llm import LLMAnswer
-from backend.prior import PriorMapping, fit_prior
+from backend.prior import PriorMapping, fit_prior, prior_features
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ class HCCPipeline:
     ``llm=None`` runs the encoder alone (stage ``encoder_only``).
     """
 
-    def __init__(self, encoder, labels: Sequence[str], *, llm=None, config: HCCConfig | None = None) -> None:
+    def __init__(self, encoder, labels: Sequence[str], *, llm=None, config: HCCConfig | None = None,
+                 second_encoder=None) -> None:
         self.encoder = encoder
         self.labels = list(labels)
         self.index_of = {label: i for i, label in enumerate(self.labels)}
@@ -203,6 +204,8 @@ class HCCPipeline:
         self.anchor_vectors = np.zeros((0, 0), np.float32)
         self.anchor_labels = np.zeros(0, np.int64)
         self.anchor_cross_check = np.zeros(0, bool)
+        self.second_encoder = second_encoder
+        self.anchor_vectors2 = np.zeros((0, 0), np.float32)
         self._prior: PriorMapping | None = None
 
     def set_anchors(self, texts: Sequence[str], labels: Sequence[str], *,
@@ -217,6 +220,8 @@ class HCCPipeline:
             raise ValueError(f"anchor labels not in the label set: {unknown[:5]}")
         self.anchor_texts = list(texts)
         self.anchor_vectors = self.encoder.encode(self.anchor_texts)
+        if self.second_encoder is not None:
+            self.anchor_vectors2 = self.second_encoder.encode(self.anchor_texts)
         self.anchor_labels = np.array([self.index_of[lab] for lab in labels], dtype=np.int64)
         self.anchor_cross_check = np.ones(len(texts), bool) if cross_check is None else np.array(cross_check, bool)
         self._prior = None  # refitted on the new anchors when next needed
@@ -226,7 +231,9 @@ class HCCPipeline:
         fits them better than the packaged one (see :mod:`backend.prior`); computed once per anchor set."""
         if self._prior is None:
             if not self.config.adapt_prior:
-                self._prior = PriorMapping(message="packaged prior mapping (adapt_prior is off)")
+                features = ["encoder_logit", "anchor_similarity"]
+                features += ["encoder2_logit", "encoder2_anchor_similarity"] if self.second_encoder else []
+                self._prior = PriorMapping.packaged(features, message="packaged prior mapping (adapt_prior is off)")
             else:
                 self._prior = self._anchor_prior()
         return self._prior
@@ -236,8 +243,17 @@ class HCCPipeline:
                                     method=self.config.classifier, k=self.config.k)
         rows = np.flatnonzero(check.usable & self.anchor_cross_check)
         predicted = check.scores.labels[rows]
-        probability = encoder_probabilities(check.scores.scores[rows])[np.arange(len(rows)), predicted]
-        return fit_prior(probability, check.nearest[rows], predicted == self.anchor_labels[rows])
+        take = np.arange(len(rows)), predicted
+        second: tuple[np.ndarray, np.ndarray] | tuple[None, None] = (None, None)
+        if self.second_encoder is not None:
+            # The same folds in the second encoder's space, about the first encoder's held-out label.
+            check2 = cross_check_anchors(self.anchor_vectors2, self.anchor_labels, len(self.labels),
+                                         method=self.config.classifier, k=self.config.k,
+                                         predicted=np.maximum(check.scores.labels, 0))
+            second = encoder_probabilities(check2.scores.scores[rows])[take], check2.nearest[rows]
+        features = prior_features(encoder_probabilities(check.scores.scores[rows])[take], check.nearest[rows],
+                                  *second)
+        return fit_prior(features, predicted == self.anchor_labels[rows])
 
     def classes_without_anchors(self) -> list[str]:
         counts = np.bincount(self.anchor_labels, minlength=len(self.labels))
@@ -299,7 +315,13 @@ class HCCPipeline:
                                 np.full((0, len(work)), INVALID), np.zeros((0, len(work))))
         timings["dcca"] = time.perf_counter() - t0
 
-        records = self._records(texts, skip_mask, active, scored, views, view_matrix, result, vectors=vectors)
+        second = None
+        if self.second_encoder is not None:
+            t0 = time.perf_counter()
+            second = self._second_opinion(work, result.labels)
+            timings["encode2"] = time.perf_counter() - t0
+        records = self._records(texts, skip_mask, active, scored, views, view_matrix, result, vectors=vectors,
+                                second=second)
         report = self._report(records, result, timings)
         final = np.full(len(texts), INVALID, np.int64)
         final[active] = result.labels
@@ -351,7 +373,20 @@ class HCCPipeline:
             sorted(self.labels[j] for j in row if np.isfinite(scores[r, j])) for r, row in enumerate(top)
         ]
 
-    def _records(self, texts, skip_mask, active, scored, views, view_matrix, result, *, vectors=None
+    def _second_opinion(self, work: Sequence[str], final: np.ndarray) -> dict[str, np.ndarray]:
+        """The second encoder's label of each item, and its probability of and nearest anchor to the final
+        label: a confidence signal only, it takes no part in the consistency split."""
+        vectors2 = self.second_encoder.encode(work)
+        scored2 = class_scores(vectors2, self.anchor_vectors2, self.anchor_labels, len(self.labels),
+                               k=self.config.k, method=self.config.classifier)
+        label = np.maximum(final, 0)
+        probability = encoder_probabilities(scored2.scores)
+        return {"label": scored2.labels,
+                "probability": probability[np.arange(len(work)), label] if len(work) else np.zeros(0),
+                "near": (nearest_of_label(vectors2, self.anchor_vectors2, self.anchor_labels, label)
+                         if len(work) and len(self.anchor_labels) else np.full(len(work), -np.inf))}
+
+    def _records(self, texts, skip_mask, active, scored, views, view_matrix, result, *, vectors=None, second=None
                  ) -> list[dict[str, Any]]:
         name = {i: label for i, label in enumerate(self.labels)}
         # Confidence signals of the final label (backend/signals.py turns them into calibrator features).
@@ -359,7 +394,8 @@ class HCCPipeline:
         near = (nearest_of_label(vectors, self.anchor_vectors, self.anchor_labels, result.labels)
                 if vectors is not None and len(active) and len(self.anchor_labels) else np.full(len(active), -np.inf))
         final_probs = probs[np.arange(len(active)), np.maximum(result.labels, 0)] if len(active) else np.zeros(0)
-        prior = self.prior().probability(final_probs, near) if len(active) else np.zeros(0)
+        features = prior_features(final_probs, near, *((second["probability"], second["near"]) if second else ()))
+        prior = self.prior().probability(features) if len(active) else np.zeros(0)
         records: list[dict[str, Any]] = [
             {"text": texts[i], "label": None, "stage": "skipped", "score": 0.0} for i in range(len(texts))
         ]
@@ -377,6 +413,10 @@ class HCCPipeline:
                 "anchor_similarity": _finite(near[pos]),
                 "prior_probability": round(float(prior[pos]), 6) if final != INVALID else 0.0,
             }
+            if second is not None:
+                rec["encoder2_label"] = name.get(int(second["label"][pos]))
+                rec["encoder2_probability"] = round(float(second["probability"][pos]), 6) if final != INVALID else 0.0
+                rec["encoder2_anchor_similarity"] = _finite(second["near"][pos])
             for view in self.config.llm_views if views else ():
                 answer = views[view][pos]
                 rec[f"llm_{view}"] = answer.label

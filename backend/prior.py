@@ -14,6 +14,7 @@ mapping already fits (Banking77), it is kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,11 @@ from sklearn.model_selection import StratifiedKFold
 
 #: The packaged mapping: log-odds = intercept + sum(weight * feature). Fitted by logistic regression of the
 #: encoder's correctness on 2,000 Banking77 train items that are not anchors (seeded, 500 anchors, MiniLM,
-#: centroid classifier); no test item was used. The first variant whose features are all present is used.
+#: centroid classifier; the first variant with all-mpnet-base-v2 as the second encoder); no test item was
+#: used (bench/calibration.py --design). The first variant whose features are all present is used.
 PRIOR: tuple[tuple[float, dict[str, float]], ...] = (
+    (-2.606, {"encoder_logit": 0.234, "anchor_similarity": 1.991, "encoder2_logit": 0.517,
+              "encoder2_anchor_similarity": 2.065}),
     (-3.32, {"encoder_logit": 0.678, "anchor_similarity": 4.88}),
     (0.01, {"encoder_logit": 0.875}),
 )
@@ -33,44 +37,62 @@ _CLIP = 1e-4  # as backend.signals: a probability of 0 or 1 must not become an i
 _PLATT_C = 1e4  # Platt's two parameters are (almost) unpenalised
 
 
+def prior_features(encoder_probability: Any, anchor_similarity: Any, encoder2_probability: Any = None,
+                   encoder2_anchor_similarity: Any = None) -> dict[str, np.ndarray]:
+    """The prior's features from raw signals: log-odds of the probabilities, similarities with a missing
+    value (NaN or -inf) as 0, as the calibrator's features impute it. The second encoder's are optional."""
+    out = {"encoder_logit": _logit(encoder_probability), "anchor_similarity": _similarity(anchor_similarity)}
+    if encoder2_probability is not None:
+        out["encoder2_logit"] = _logit(encoder2_probability)
+        out["encoder2_anchor_similarity"] = _similarity(encoder2_anchor_similarity)
+    return out
+
+
 @dataclass
 class PriorMapping:
-    """``log-odds = intercept + weights . (encoder_logit, anchor_similarity)``; ``adapted``: rescaled on the
-    anchors (else the packaged first variant of :data:`PRIOR`). ``message`` says which and why."""
+    """``log-odds = intercept + sum(weights[f] * features[f])``; ``adapted``: rescaled on the anchors (else a
+    packaged variant of :data:`PRIOR`). ``message`` says which and why."""
 
-    intercept: float = PRIOR[0][0]
-    weights: dict[str, float] = field(default_factory=lambda: dict(PRIOR[0][1]))
+    intercept: float = PRIOR[1][0]
+    weights: dict[str, float] = field(default_factory=lambda: dict(PRIOR[1][1]))
     adapted: bool = False
     message: str = "packaged prior mapping"
     pairs: int = 0
     right: int = 0
 
-    def log_odds(self, encoder_probability: Any, anchor_similarity: Any) -> np.ndarray:
-        """Log-odds of each item; a missing anchor similarity (NaN or -inf) counts as 0, as the
-        calibrator's features impute it."""
-        p = np.clip(np.asarray(encoder_probability, dtype=np.float64), _CLIP, 1 - _CLIP)
-        near = np.asarray(anchor_similarity, dtype=np.float64)
-        near = np.where(np.isfinite(near), near, 0.0)
-        return (self.intercept + self.weights["encoder_logit"] * np.log(p / (1 - p))
-                + self.weights["anchor_similarity"] * near)
+    @classmethod
+    def packaged(cls, features: Any, **fields: Any) -> PriorMapping:
+        """The first packaged variant whose features are all among ``features`` (names)."""
+        for intercept, weights in PRIOR:
+            if all(name in features for name in weights):
+                return cls(intercept=intercept, weights=dict(weights), **fields)
+        raise ValueError(f"no packaged prior mapping uses only {sorted(features)}")
 
-    def probability(self, encoder_probability: Any, anchor_similarity: Any) -> np.ndarray:
-        return expit(self.log_odds(encoder_probability, anchor_similarity))
+    def log_odds(self, features: Mapping[str, Any]) -> np.ndarray:
+        """Log-odds of each item from :func:`prior_features`."""
+        missing = [name for name in self.weights if name not in features]
+        if missing:
+            raise ValueError(f"the prior mapping needs the features {missing}")
+        return self.intercept + sum(w * np.asarray(features[name], dtype=np.float64)
+                                    for name, w in self.weights.items())
+
+    def probability(self, features: Mapping[str, Any]) -> np.ndarray:
+        return expit(self.log_odds(features))
 
     def as_dict(self) -> dict[str, Any]:
         return {"intercept": round(self.intercept, 4), "weights": {k: round(v, 4) for k, v in self.weights.items()},
                 "adapted": self.adapted, "message": self.message, "pairs": self.pairs, "right": self.right}
 
 
-def fit_prior(encoder_probability: Any, anchor_similarity: Any, right: Any, *, folds: int = 5,
-              min_pairs: int = 20, min_per_class: int = 5, random_state: int = 0) -> PriorMapping:
+def fit_prior(features: Mapping[str, Any], right: Any, *, folds: int = 5, min_pairs: int = 20,
+              min_per_class: int = 5, random_state: int = 0) -> PriorMapping:
     """The prior mapping for a run, from cross-fitted anchor predictions (see the module docstring).
 
-    ``encoder_probability`` and ``anchor_similarity`` are those of each anchor's held-out prediction and
-    ``right`` whether it matched the anchor's label. With fewer than ``min_pairs`` pairs or fewer than
+    ``features`` (:func:`prior_features`) are those of each anchor's held-out prediction and ``right``
+    whether it matched the anchor's label. With fewer than ``min_pairs`` pairs or fewer than
     ``min_per_class`` right or wrong ones, the packaged mapping is kept (and the message says why).
     """
-    packaged = PriorMapping()
+    packaged = PriorMapping.packaged(features)
     y = np.asarray(right, dtype=bool)
     n, n_right = len(y), int(y.sum())
     packaged.pairs, packaged.right = n, n_right
@@ -78,7 +100,7 @@ def fit_prior(encoder_probability: Any, anchor_similarity: Any, right: Any, *, f
         packaged.message = (f"packaged prior mapping: {n} cross-checked anchors ({n_right} right) are too few "
                             f"to rescale it (need {min_pairs}, with {min_per_class} right and {min_per_class} wrong)")
         return packaged
-    z = packaged.log_odds(encoder_probability, anchor_similarity)
+    z = packaged.log_odds(features)
     splits = StratifiedKFold(n_splits=min(folds, n_right, n - n_right), shuffle=True, random_state=random_state)
     rescaled = np.empty(n)
     for train, test in splits.split(z.reshape(-1, 1), y):
@@ -98,6 +120,16 @@ def fit_prior(encoder_probability: Any, anchor_similarity: Any, right: Any, *, f
         message=(f"prior mapping rescaled on {n} cross-checked anchors ({n_right} right): log-odds x {slope:.3f} "
                  f"{shift:+.3f}, {gain.mean():.4f} nats per item better out of fold than the packaged mapping"),
     )
+
+
+def _logit(p: Any) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
+    return np.log(p / (1 - p))
+
+
+def _similarity(value: Any) -> np.ndarray:
+    value = np.asarray(value, dtype=np.float64)
+    return np.where(np.isfinite(value), value, 0.0)
 
 
 def _platt(z: np.ndarray, y: np.ndarray) -> LogisticRegression:

@@ -130,6 +130,7 @@ def feature_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
     views = [v for v in LLM_VIEWS if f"llm_{v}" in keys]
     names = [name for name, key in _ENCODER_SIGNALS if key in keys]
     names += ["backs_encoder"] if "encoder_label" in keys else []
+    names += ["backs_encoder2"] if "encoder2_label" in keys else []
     names += [f"backs_{v}" for v in views]
     if views and "encoder_label" in keys:
         names += [f"agree_{p}" for p in _partitions(["encoder", *views])]
@@ -153,7 +154,8 @@ def signal_features(records: Sequence[Mapping[str, Any]], *, names: Sequence[str
     * ``prior_logit``: log-odds of ``prior_probability``, the run's prior mapping (``backend/prior.py``);
     * ``encoder_logit`` (log-odds of ``encoder_probability``, the softmax of the encoder's class scores),
       ``encoder_score``, ``encoder_margin``, ``anchor_similarity`` (cosine to the nearest human anchor
-      of that label);
+      of that label); ``encoder2_logit``, ``encoder2_anchor_similarity`` and ``backs_encoder2``: the same
+      from the optional second encoder;
     * ``backs_encoder`` / ``backs_<view>``: that annotator gave the final label; ``agree_<pattern>``:
       one-hot of which of the encoder and LLM labels agree with each other (``encoder=zero_shot|hinted``:
       those two agree, the hinted view differs);
@@ -185,12 +187,17 @@ def signal_features(records: Sequence[Mapping[str, Any]], *, names: Sequence[str
     return Signals(values=values, names=names, scored=scored)
 
 
-_ENCODER_SIGNALS = (
+_LOGIT_SIGNALS = (
     ("prior_logit", "prior_probability"),
     ("encoder_logit", "encoder_probability"),
+    ("encoder2_logit", "encoder2_probability"),
+)
+_ENCODER_SIGNALS = (
+    *_LOGIT_SIGNALS,
     ("encoder_score", "encoder_score"),
     ("encoder_margin", "encoder_margin"),
     ("anchor_similarity", "anchor_similarity"),
+    ("encoder2_anchor_similarity", "encoder2_anchor_similarity"),
 )
 
 
@@ -221,11 +228,11 @@ def _share(rec: Mapping[str, Any], key: str) -> float | None:
 def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
     label = rec.get("label")
     row: dict[str, float] = {}
-    for name, key in _ENCODER_SIGNALS[:2]:
+    for name, key in _LOGIT_SIGNALS:
         prob = _share(rec, key)
         if prob is not None:
             row[name] = float(logit(prob))
-    for name, key in _ENCODER_SIGNALS[2:]:
+    for name, key in _ENCODER_SIGNALS[len(_LOGIT_SIGNALS):]:
         value = _number(rec, key)
         if value is not None:
             row[name] = value
@@ -233,6 +240,8 @@ def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
         row |= _packaged_prior(row)
     views = [v for v in LLM_VIEWS if f"llm_{v}" in rec]
     row["backs_encoder"] = float(rec.get("encoder_label") == label)
+    if "encoder2_label" in rec:
+        row["backs_encoder2"] = float(rec.get("encoder2_label") == label)
     for v in views:
         backs = rec.get(f"llm_{v}") == label
         row[f"backs_{v}"] = float(backs)

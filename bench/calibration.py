@@ -10,7 +10,9 @@ standard deviation over the seeds.
 Runs:
   hcc-1000      the seeded 1,000-item test sample of bench/banking77.py, default HCC, LLM answers in grammar
                 mode without logprobs (the cached answers of that benchmark: no LLM call);
+  hcc-3080      the whole test split, the same (the cached answers of bench/banking77.py --full);
   encoder-3080  the whole test split, encoder alone (--no-llm), as a reference;
+  ... + all-mpnet-base-v2   the same runs with the second encoder's opinion (when it has been pulled);
   hcc-llm-N     (--llm-items N) the first N items of the 1,000 sample with the paid signals: the zero-shot
                 view with token logprobs and k=3 self-consistency samples at temperature 0.7 (hinted view as in
                 hcc-1000); "hcc-llm-N, free signals" is the same items without those two signals.
@@ -68,7 +70,8 @@ BUDGETS = (0.01, 0.05)
 TARGETS = (0.9, 0.95)
 #: Runs simulated with the learning loop, and the classifiers tried there (an LLM run with another classifier
 #: asks the LLM again where that classifier's label, i.e. the hint, differs).
-LEARNING_LOOP_RUNS = {"hcc-1000": ("centroid", "ensemble"), "encoder-3080": ("centroid", "ensemble")}
+LEARNING_LOOP_RUNS = {f"{run}{suffix}": ("centroid", "ensemble") for run in ("hcc-1000", "hcc-3080", "encoder-3080")
+                      for suffix in ("", " + all-mpnet-base-v2")}
 
 
 # -- the runs ----------------------------------------------------------------------------------------------
@@ -89,8 +92,8 @@ def load(draw: int = 0) -> tuple[list[str], list[dict], list[dict], list[dict], 
 
 
 def pipeline(enc: Encoder, labels: list[str], anchors: list[dict], llm: Any = None, *,
-             classifier: str = HCCConfig.classifier) -> HCCPipeline:
-    pipe = HCCPipeline(enc, labels, llm=llm, config=HCCConfig(classifier=classifier))
+             classifier: str = HCCConfig.classifier, second: Encoder | None = None) -> HCCPipeline:
+    pipe = HCCPipeline(enc, labels, llm=llm, config=HCCConfig(classifier=classifier), second_encoder=second)
     pipe.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
     return pipe
 
@@ -116,16 +119,37 @@ class PaidViews:
         return self.plain.hinted(texts, hints, progress=progress)
 
 
+SECOND_ENCODER = "all-mpnet-base-v2"
+SECOND = f" + {SECOND_ENCODER}"  # suffix of the runs with the second encoder's opinion
+
+
+def second_encoder() -> Encoder | None:
+    """all-mpnet-base-v2 when it has been pulled (`hcc encoder pull all-mpnet-base-v2`), else None."""
+    from backend.encoder import EncoderError, resolve_model_path
+
+    try:
+        resolve_model_path(SECOND_ENCODER)
+    except (EncoderError, OSError, ValueError) as exc:
+        print(f"no second-encoder runs: {exc}", file=sys.stderr)
+        return None
+    return Encoder(SECOND_ENCODER, cache_dir=cache_dir() / "embeddings")
+
+
 def runs(args: argparse.Namespace) -> dict[str, tuple[list[dict], list[str]]]:
     labels, anchors, test, sample, _ = load()
     enc = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings")
     out: dict[str, tuple[list[dict], list[str]]] = {}
     plain = annotator(labels, args.llm_base_url, logprobs=False)
-    res = pipeline(enc, labels, anchors, plain).annotate([r["text"] for r in sample])
-    print(f"hcc-1000: {res.report['llm']}", file=sys.stderr)
-    out["hcc-1000"] = (res.records, [r["category"] for r in sample])
-    res = pipeline(enc, labels, anchors).annotate([r["text"] for r in test])
-    out["encoder-3080"] = (res.records, [r["category"] for r in test])
+    second = second_encoder()
+    for suffix, extra in (("", None), (SECOND, second)) if second else (("", None),):
+        res = pipeline(enc, labels, anchors, plain, second=extra).annotate([r["text"] for r in sample])
+        print(f"hcc-1000{suffix}: {res.report['llm']}", file=sys.stderr)
+        out[f"hcc-1000{suffix}"] = (res.records, [r["category"] for r in sample])
+        res = pipeline(enc, labels, anchors, plain, second=extra).annotate([r["text"] for r in test])
+        print(f"hcc-3080{suffix}: {res.report['llm']}", file=sys.stderr)
+        out[f"hcc-3080{suffix}"] = (res.records, [r["category"] for r in test])
+        res = pipeline(enc, labels, anchors, second=extra).annotate([r["text"] for r in test])
+        out[f"encoder-3080{suffix}"] = (res.records, [r["category"] for r in test])
     if args.llm_items:
         items = sample[: args.llm_items]
         views = PaidViews(annotator(labels, args.llm_base_url, logprobs=True), plain)
@@ -405,7 +429,8 @@ def main() -> int:
         result["runs"][name] = evaluate(records, gold, seeds=args.seeds)
         for classifier in LEARNING_LOOP_RUNS.get(name, ()):
             llm = annotator(labels, args.llm_base_url, logprobs=False) if "llm_hinted" in records[0] else None
-            pipe = pipeline(enc, labels, anchors, llm, classifier=classifier)
+            extra = second_encoder() if name.endswith(SECOND) else None
+            pipe = pipeline(enc, labels, anchors, llm, classifier=classifier, second=extra)
             start = pipe.annotate([r["text"] for r in records]).records
             loop = review_loop(pipe, start, gold)
             result["runs"][name].setdefault("learning_loop", {})[classifier] = loop
@@ -426,9 +451,13 @@ def anchor_draws(args: argparse.Namespace, n: int) -> dict[str, Any]:
     for draw in range(n):
         labels, anchors, test, sample, _ = load(draw)
         enc = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings")
-        for name, items, llm in (("hcc-1000", sample, annotator(labels, args.llm_base_url, logprobs=False)),
-                                 ("encoder-3080", test, None)):
-            pipe = pipeline(enc, labels, anchors, llm)
+        second = second_encoder()
+        settings = [("hcc-1000", sample, annotator(labels, args.llm_base_url, logprobs=False), None),
+                    ("encoder-3080", test, None, None)]
+        if second is not None:
+            settings += [(f"{name}{SECOND}", items, llm, second) for name, items, llm, _ in settings]
+        for name, items, llm, extra in settings:
+            pipe = pipeline(enc, labels, anchors, llm, second=extra)
             records = pipe.annotate([r["text"] for r in items]).records
             gold = [r["category"] for r in items]
             summary = evaluate(records, gold, seeds=args.seeds)["summary"]
@@ -447,7 +476,7 @@ def anchor_draws(args: argparse.Namespace, n: int) -> dict[str, Any]:
 def draws_markdown(result: dict[str, Any]) -> str:
     lines = ["| run | anchor draw | accuracy | AUROC, 1% / 5% reviewed | ECE, 1% / 5% reviewed | accuracy after "
              "reviewing 20%: frozen scores (5%) / learning loop |", "|---|---|---|---|---|---|"]
-    for run in ("hcc-1000", "encoder-3080"):
+    for run in dict.fromkeys(r["run"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["run"] == run]
         for r in rows:
             lines.append(f"| {run} | {r['draw']} | {100 * r['accuracy']:.1f} | {r['1%']['auroc']:.3f} / "
@@ -487,8 +516,17 @@ def design() -> dict[str, Any]:
     p = encoder_probabilities(scores)[np.arange(len(pred)), pred]
     near = nearest_of_label(q, a_vec, a_lab, pred)
     design_x = np.column_stack([logit(p), near])
-    for name, cols in (("encoder_logit + anchor_similarity", [0, 1]), ("encoder_logit", [0])):
-        fit = LogisticRegression(C=100.0).fit(design_x[:, cols], right)
+    variants = [("encoder_logit + anchor_similarity", [0, 1]), ("encoder_logit", [0])]
+    second = second_encoder()
+    if second is not None:
+        # The second encoder's probability of, and nearest anchor to, the first encoder's label.
+        q2, a2 = second.encode([r["text"] for r in prior_items]), second.encode([r["text"] for r in anchors])
+        p2 = encoder_probabilities(class_scores(q2, a2, a_lab, len(labels), method="centroid").scores)
+        design_x = np.column_stack([design_x, logit(p2[np.arange(len(pred)), pred]),
+                                    nearest_of_label(q2, a2, a_lab, pred)])
+        variants.insert(0, (f"+ {SECOND_ENCODER}: encoder2_logit + encoder2_anchor_similarity", [0, 1, 2, 3]))
+    for name, cols in variants:
+        fit = LogisticRegression(C=100.0, max_iter=5000).fit(design_x[:, cols], right)
         out[f"prior: {name}"] = {"intercept": round(float(fit.intercept_[0]), 3),
                                  "weights": [round(float(w), 3) for w in fit.coef_[0]]}
     out["dev"] = {}

@@ -392,7 +392,7 @@ def test_defaults_are_the_banking77_ablation_winner() -> None:
 
 
 def test_records_carry_the_prior_mapping_of_their_encoder_signals():
-    from backend.prior import PriorMapping
+    from backend.prior import PriorMapping, prior_features
 
     pipe, _ = make_pipeline()
     out = pipe.annotate(["cons", "bad", "lost"])
@@ -400,7 +400,7 @@ def test_records_carry_the_prior_mapping_of_their_encoder_signals():
     assert not pipe.prior().adapted and out.report["prior"]["adapted"] is False
     assert "too few" in out.report["prior"]["message"]
     for rec in out.records:
-        expected = PriorMapping().probability(rec["encoder_probability"], rec["anchor_similarity"])
+        expected = PriorMapping().probability(prior_features(rec["encoder_probability"], rec["anchor_similarity"]))
         assert rec["prior_probability"] == pytest.approx(float(expected), abs=1e-5)
 
 
@@ -432,3 +432,26 @@ def test_prior_is_rescaled_where_the_anchors_show_the_encoder_guessing():
     assert not pipe.prior().adapted and pipe.prior().pairs == 0
     with pytest.raises(ValueError, match="240 anchors but 3 cross_check flags"):
         pipe.set_anchors(texts, labels, cross_check=[True] * 3)
+
+
+def test_a_second_encoder_adds_its_opinion_to_the_records_and_the_prior():
+    from backend.signals import signal_features
+
+    # The second encoder sees "bad" next to anchor c (it agrees elsewhere): a signal, not a vote.
+    second = FixedEncoder({**ANCHOR_TEXTS, **ITEM_ANGLES, "bad": 235})
+    pipe = HCCPipeline(FixedEncoder({**ANCHOR_TEXTS, **ITEM_ANGLES}), LABELS,
+                       config=HCCConfig(k=1, classifier="topk_mean"), second_encoder=second)
+    pipe.set_anchors(list(ANCHOR_TEXTS), LABELS)
+    out = pipe.annotate(["cons", "bad"])
+    cons, bad = out.records
+    assert [r["label"] for r in out.records] == ["a", "b"]  # the first encoder's labels stand
+    assert (cons["encoder2_label"], bad["encoder2_label"]) == ("a", "c")
+    assert bad["encoder2_anchor_similarity"] == pytest.approx(math.cos(math.radians(115)), abs=1e-5)
+    assert cons["encoder2_probability"] > 0.5 > bad["encoder2_probability"]
+    assert set(pipe.prior().weights) == {"encoder_logit", "anchor_similarity", "encoder2_logit",
+                                         "encoder2_anchor_similarity"}
+    assert cons["prior_probability"] > bad["prior_probability"]
+    assert "encode2" in out.report["seconds"]
+    s = signal_features(out.records)
+    assert s.column("backs_encoder2").tolist() == [1.0, 0.0]
+    assert s.column("encoder2_logit")[0] > 0 > s.column("encoder2_logit")[1]

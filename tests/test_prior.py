@@ -6,39 +6,46 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from backend.prior import PRIOR, PriorMapping, fit_prior
+from backend.prior import PRIOR, PriorMapping, fit_prior, prior_features
 
 
-def packaged_signals(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encoder probabilities and anchor similarities spread like a real run's, and the packaged log-odds."""
+def packaged_signals(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Prior features of encoder probabilities and anchor similarities spread like a real run's, and the
+    packaged log-odds."""
     rng = np.random.default_rng(seed)
-    prob = rng.beta(2, 1.2, n)
-    near = rng.uniform(0.4, 0.95, n)
-    return prob, near, PriorMapping().log_odds(prob, near)
+    features = prior_features(rng.beta(2, 1.2, n), rng.uniform(0.4, 0.95, n))
+    return features, PriorMapping().log_odds(features)
 
 
-def test_packaged_mapping_is_the_first_prior_variant():
-    mapping = PriorMapping()
-    intercept, weights = PRIOR[0]
-    z = mapping.log_odds([0.5, 0.9], [0.8, 0.6])
+def test_the_packaged_variant_is_the_first_whose_features_are_all_there():
+    one = prior_features([0.5, 0.9], [0.8, 0.6])
+    mapping = PriorMapping.packaged(one)
+    intercept, weights = next((b, w) for b, w in PRIOR if set(w) == {"encoder_logit", "anchor_similarity"})
     expected = intercept + weights["encoder_logit"] * np.log([1.0, 9.0]) + weights["anchor_similarity"] * np.array(
         [0.8, 0.6])
-    assert z == pytest.approx(expected)
-    assert not mapping.adapted
+    assert mapping.log_odds(one) == pytest.approx(expected)
+    assert not mapping.adapted and PriorMapping().weights == weights
+    two = prior_features([0.5, 0.9], [0.8, 0.6], [0.7, 0.2], [0.9, 0.5])
+    assert set(PriorMapping.packaged(two).weights) == set(two)
+    with pytest.raises(ValueError, match="no packaged prior mapping"):
+        PriorMapping.packaged(["anchor_similarity"])
+    with pytest.raises(ValueError, match="needs the features"):
+        PriorMapping.packaged(two).log_odds(one)
 
 
 def test_missing_similarity_counts_as_zero_and_extreme_probabilities_stay_finite():
     mapping = PriorMapping()
-    z = mapping.log_odds([0.0, 1.0, 0.5], [-np.inf, np.nan, 0.0])
+    z = mapping.log_odds(prior_features([0.0, 1.0, 0.5], [-np.inf, np.nan, 0.0]))
     assert np.all(np.isfinite(z))
-    assert z[2] == pytest.approx(PRIOR[0][0])
-    assert np.all((mapping.probability([0.0, 1.0], [0.5, 0.5]) > 0) & (mapping.probability([0.0, 1.0], [0.5, 0.5]) < 1))
+    assert z[2] == pytest.approx(mapping.intercept)
+    p = mapping.probability(prior_features([0.0, 1.0], [0.5, 0.5]))
+    assert np.all((p > 0) & (p < 1))
 
 
 def test_anchors_that_follow_the_packaged_mapping_keep_it():
-    prob, near, z = packaged_signals(600)
+    features, z = packaged_signals(600)
     right = np.random.default_rng(1).random(600) < expit(z)
-    mapping = fit_prior(prob, near, right)
+    mapping = fit_prior(features, right)
     assert not mapping.adapted
     assert mapping.message.startswith("packaged prior mapping: rescaling it on 600")
     assert (mapping.pairs, mapping.right) == (600, int(right.sum()))
@@ -46,12 +53,12 @@ def test_anchors_that_follow_the_packaged_mapping_keep_it():
 
 def test_anchors_the_packaged_mapping_misjudges_rescale_it():
     # The encoder barely beats a coin here: whatever the signals say, 55% are right.
-    prob, near, z = packaged_signals(300)
+    features, z = packaged_signals(300)
     right = np.random.default_rng(2).random(300) < 0.55
-    mapping = fit_prior(prob, near, right)
+    mapping = fit_prior(features, right)
     assert mapping.adapted
     assert "rescaled on 300 cross-checked anchors" in mapping.message
-    p = mapping.probability(prob, near)
+    p = mapping.probability(features)
     # Near the base rate for every item, where the packaged mapping spreads them from sure-wrong to sure-right.
     assert abs(p.mean() - right.mean()) < 0.05
     assert np.abs(p - right.mean()).mean() < 0.06 < 0.15 < np.abs(expit(z) - right.mean()).mean()
@@ -61,9 +68,9 @@ def test_anchors_the_packaged_mapping_misjudges_rescale_it():
 
 @pytest.mark.parametrize(("n", "n_right"), [(0, 0), (10, 5), (40, 40), (40, 0), (40, 37)])
 def test_too_few_or_one_sided_anchors_keep_the_packaged_mapping(n, n_right):
-    prob, near, _ = packaged_signals(n)
+    features, _ = packaged_signals(n)
     right = np.arange(n) < n_right
-    mapping = fit_prior(prob, near, right)
+    mapping = fit_prior(features, right)
     assert not mapping.adapted
     assert "too few to rescale it" in mapping.message
-    assert mapping.as_dict()["weights"] == PRIOR[0][1]
+    assert mapping.as_dict()["weights"] == PriorMapping().weights

@@ -138,14 +138,14 @@ def test_fixed_names_impute_what_older_records_lack() -> None:
 
 
 def test_prior_logit_is_the_records_prior_else_the_packaged_mapping_of_its_signals() -> None:
-    from backend.prior import PriorMapping
+    from backend.prior import PriorMapping, prior_features
 
     new = hcc_record(prior_probability=0.3)
     names = feature_names([new])
     assert names[0] == "prior_logit"
     old = hcc_record()  # written before records carried their run's prior mapping
     s = signal_features([new, old], names=names)
-    packaged = PriorMapping().log_odds(old["encoder_probability"], old["anchor_similarity"])
+    packaged = PriorMapping().log_odds(prior_features(old["encoder_probability"], old["anchor_similarity"]))
     assert s.column("prior_logit").tolist() == pytest.approx([float(logit(0.3)), float(packaged)])
     assert "prior_logit" not in feature_names([old])
 

@@ -110,7 +110,7 @@ class ProjectModel:
     """The HCC engine bound to one project's label set, anchors and stored records."""
 
     def __init__(self, project_id: int, target: ChoicesTarget, settings: Settings, encoder,
-                 store: ProjectStore | None = None) -> None:
+                 store: ProjectStore | None = None, *, second_encoder=None) -> None:
         self.project_id = int(project_id)
         self.target = target
         self.settings = settings
@@ -123,7 +123,8 @@ class ProjectModel:
                 cache_dir=settings.cache_dir / "llm", concurrency=settings.llm_concurrency,
                 logprobs=settings.llm_logprobs, structured=settings.llm_structured,
             )
-        self.pipeline = HCCPipeline(encoder, list(target.labels), llm=llm, config=settings.hcc)
+        self.pipeline = HCCPipeline(encoder, list(target.labels), llm=llm, config=settings.hcc,
+                                    second_encoder=second_encoder)
         self._revision = -1
         self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it

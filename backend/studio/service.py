@@ -59,6 +59,7 @@ class HCCService:
         self.settings = settings or Settings.from_env()
         self.settings.model_dir.mkdir(parents=True, exist_ok=True)
         self._encoder: Encoder | None = None
+        self._second_encoder: Encoder | None = None
         self._models: dict[tuple[int, str], ProjectModel] = {}
         self._lock = threading.Lock()
         self._setup_credentials: tuple[str, str] | None = None  # hostname and token /setup sent, in memory only
@@ -73,6 +74,18 @@ class HCCService:
                 self._encoder = Encoder(self.settings.encoder, cache_dir=self.settings.cache_dir / "embeddings",
                                         precision=self.settings.encoder_precision)
             return self._encoder
+
+    @property
+    def second_encoder(self) -> Encoder | None:
+        """``HCC_SECOND_ENCODER``'s encoder, or None when it is not set."""
+        if not self.settings.second_encoder:
+            return None
+        with self._lock:
+            if self._second_encoder is None:
+                self._second_encoder = Encoder(self.settings.second_encoder,
+                                               cache_dir=self.settings.cache_dir / "embeddings",
+                                               precision=self.settings.encoder_precision)
+            return self._second_encoder
 
     def client(self) -> StudioClient:
         url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
@@ -96,7 +109,8 @@ class HCCService:
                 model = PairwiseProjectModel(project_id, pairwise, self.settings, client=self.client)
             else:
                 target = classification_target(label_config, from_name=self.settings.from_name or None)
-                model = ProjectModel(project_id, target, self.settings, self.encoder)
+                model = ProjectModel(project_id, target, self.settings, self.encoder,
+                                     second_encoder=self.second_encoder)
             with self._lock:
                 model = self._models.setdefault(key, model)
             model.store.set("label_config", label_config)

@@ -13,6 +13,7 @@
 | ``HCC_LLM_CONCURRENCY`` | parallel LLM requests | ``4`` |
 | ``HCC_LLM_LOGPROBS`` | ask for token logprobs (``0`` is faster) | ``1`` |
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
+| ``HCC_SECOND_ENCODER`` | a second encoder whose opinion sharpens the score (e.g. ``all-mpnet-base-v2``) | none |
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
 | ``HCC_CLASSIFIER`` | ``centroid`` (best before reviews), ``ensemble`` (learns faster), ``topk_mean`` | ``centroid`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
@@ -58,6 +59,7 @@ class Settings:
     llm_logprobs: bool = True
     encoder: str = DEFAULT_ENCODER
     encoder_precision: str = "float32"  # resolved: float32 or bfloat16
+    second_encoder: str = ""  # empty: none
     from_name: str = ""
     review_threshold: float = 0.5
     calibration: bool = True
@@ -81,6 +83,7 @@ class Settings:
             llm_concurrency=int(env("HCC_LLM_CONCURRENCY", "") or 4),
             llm_logprobs=_flag("HCC_LLM_LOGPROBS", True),
             encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
+            second_encoder=(env("HCC_SECOND_ENCODER", "") or "").strip(),
             encoder_precision=resolve_precision(env("HCC_ENCODER_PRECISION", "") or "auto"),
             from_name=env("HCC_FROM_NAME", ""),
             review_threshold=float(env("HCC_REVIEW_THRESHOLD", "") or 0.5),
@@ -94,6 +97,7 @@ class Settings:
     def model_version(self) -> str:
         """Stable for one configuration, so Label Studio's score column keeps matching after updates."""
         identity = {"encoder": self.encoder, "precision": self.encoder_precision,
+                    **({"second_encoder": self.second_encoder} if self.second_encoder else {}),
                     "llm": self.llm_model if self.llm_base_url else None, "structured": self.llm_structured,
                     "hcc": asdict(self.hcc)}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
