@@ -228,8 +228,8 @@ def review_loop(pipe: HCCPipeline, records: list[dict], gold: list[str], *, step
 
 
 #: Scores that claim to be probabilities: only these get ECE, Brier and log loss.
-PROBABILITIES = ("agreement score (uncalibrated)", "encoder probability", "LLM logprob", "self-consistency",
-                 "prior mapping (no reviews)")
+PROBABILITIES = ("agreement score (uncalibrated)", "encoder probability", "second encoder probability",
+                 "LLM logprob", "self-consistency", "prior mapping (no reviews)")
 
 
 def single_signals(records: list[dict]) -> dict[str, np.ndarray]:
@@ -240,6 +240,8 @@ def single_signals(records: list[dict]) -> dict[str, np.ndarray]:
     out |= {"encoder margin": s.column("encoder_margin"),
            "encoder probability": np.array([r["encoder_probability"] for r in records]),
            "anchor similarity": s.column("anchor_similarity")}
+    if "encoder2_probability" in records[0]:
+        out["second encoder probability"] = np.array([r["encoder2_probability"] for r in records])
     views = [v for v in ("zero_shot", "hinted") if f"llm_{v}_p_backing" in s.names
              and not np.all(s.column(f"llm_{v}_p_missing") == 1)]
     if views:
@@ -444,7 +446,8 @@ def main() -> int:
 
 
 def anchor_draws(args: argparse.Namespace, n: int) -> dict[str, Any]:
-    """The headline numbers of hcc-1000 and encoder-3080 for ``n`` draws of the 500 anchors: how much of a
+    """The headline numbers of hcc-1000, hcc-3080 and encoder-3080 (each also with the second encoder when
+    it has been pulled) for ``n`` draws of the 500 anchors: how much of a
     result is the luck of one draw. An LLM run asks the LLM again where a draw's encoder label (the hint)
     is new."""
     rows: list[dict[str, Any]] = []
@@ -452,8 +455,8 @@ def anchor_draws(args: argparse.Namespace, n: int) -> dict[str, Any]:
         labels, anchors, test, sample, _ = load(draw)
         enc = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings")
         second = second_encoder()
-        settings = [("hcc-1000", sample, annotator(labels, args.llm_base_url, logprobs=False), None),
-                    ("encoder-3080", test, None, None)]
+        llm = annotator(labels, args.llm_base_url, logprobs=False)
+        settings = [("hcc-1000", sample, llm, None), ("hcc-3080", test, llm, None), ("encoder-3080", test, None, None)]
         if second is not None:
             settings += [(f"{name}{SECOND}", items, llm, second) for name, items, llm, _ in settings]
         for name, items, llm, extra in settings:
@@ -577,31 +580,31 @@ def prior_transfer(*, seeds: int = 5) -> dict[str, Any]:
     """The packaged prior mapping against the one rescaled on the run's own anchors (backend/prior.py), on
     settings it was not fitted for: other classifiers, the mpnet encoder, and RTE. Encoder-only runs;
     calibration metrics on the held-out 95% with 0%, 1% and 5% of the items reviewed (seeded as evaluate)."""
-    from backend.encoder import EncoderError, resolve_model_path
-
     labels, anchors, test, *_ = load()
-    settings: list[tuple[str, str, str, list[dict], list[dict], list[str]]] = []
-    for encoder in (DEFAULT_ENCODER, "all-mpnet-base-v2"):
-        try:
-            resolve_model_path(encoder)
-        except (EncoderError, OSError, ValueError) as exc:
-            print(f"skipping {encoder}: {exc}", file=sys.stderr)
-            continue
-        for classifier in ("centroid", "ensemble", "topk_mean") if encoder == DEFAULT_ENCODER else ("centroid",):
-            settings.append((f"Banking77, {encoder}, {classifier}", encoder, classifier, anchors, test, labels))
+    second = second_encoder()  # also the mpnet of the "other encoder" row
+    settings: list[tuple[str, str, str, list[dict], list[dict], list[str], bool]] = [
+        (f"Banking77, {DEFAULT_ENCODER}, {classifier}", DEFAULT_ENCODER, classifier, anchors, test, labels, False)
+        for classifier in ("centroid", "ensemble", "topk_mean")]
+    if second is not None:
+        settings += [(f"Banking77, {SECOND_ENCODER}, centroid", SECOND_ENCODER, "centroid", anchors, test, labels,
+                      False),
+                     (f"Banking77, {DEFAULT_ENCODER}{SECOND}, centroid", DEFAULT_ENCODER, "centroid", anchors, test,
+                      labels, True)]
     rte = rte_items()
     random.Random(0).shuffle(rte)
     for share in (0.1, 0.2):
         cut = round(share * len(rte))
-        settings.append((f"RTE, {DEFAULT_ENCODER}, centroid, {cut} anchors", DEFAULT_ENCODER, "centroid",
-                         rte[:cut], rte[cut:], list(RTE_LABELS)))
+        for with_second in (False, True) if second is not None else (False,):
+            settings.append((f"RTE, {DEFAULT_ENCODER}{SECOND if with_second else ''}, centroid, {cut} anchors",
+                             DEFAULT_ENCODER, "centroid", rte[:cut], rte[cut:], list(RTE_LABELS), with_second))
     out: dict[str, Any] = {}
-    for name, encoder, classifier, run_anchors, items, run_labels in settings:
+    for name, encoder, classifier, run_anchors, items, run_labels, with_second in settings:
         enc = Encoder(encoder, cache_dir=cache_dir() / "embeddings")
         gold = [r["category"] for r in items]
         row: dict[str, Any] = {}
         for adapt in (False, True):
-            pipe = HCCPipeline(enc, run_labels, config=HCCConfig(classifier=classifier, adapt_prior=adapt))
+            pipe = HCCPipeline(enc, run_labels, config=HCCConfig(classifier=classifier, adapt_prior=adapt),
+                               second_encoder=second if with_second else None)
             pipe.set_anchors([r["text"] for r in run_anchors], [r["category"] for r in run_anchors])
             records = pipe.annotate([r["text"] for r in items]).records
             row["accuracy"] = float(np.mean([r["label"] == g for r, g in zip(records, gold, strict=True)]))

@@ -251,3 +251,21 @@ def test_annotate_rescales_the_prior_where_the_anchors_show_the_encoder_guessing
     assert not packaged["adapted"] and "adapt_prior is off" in packaged["message"]
     # Calibration error of the prior (no review yet) on the 120 items.
     assert ece_adapted < 0.1 < ece_packaged
+
+
+def test_annotate_with_a_second_encoder_adds_its_signals(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                   "--no-llm", "--quiet", "--second-encoder", "all-MiniLM-L6-v2", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()]
+    labelled = [r for r in rows if r["label"] is not None]
+    # The same model twice: the second opinion repeats the first.
+    assert all(r["encoder2_label"] == r["encoder_label"] for r in labelled)
+    assert all(abs(r["encoder2_probability"] - r["encoder_probability"]) < 1e-4 for r in labelled)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "encoder2_logit" in report["prior"]["weights"] and "encode2" in report["seconds"]
+    missing = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out2.jsonl",
+                      "--no-llm", "--quiet", "--second-encoder", "all-mpnet-base-v2", cwd=files,
+                      env_extra={"HCC_CACHE_DIR": str(files / "empty-cache")})
+    assert missing.returncode != 0 and "hcc encoder pull all-mpnet-base-v2" in missing.stderr
+    assert not (files / "out2.jsonl").exists()

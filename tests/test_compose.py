@@ -110,10 +110,11 @@ def gunicorn_port() -> int:
 
 
 def names_the_backend_reads() -> set[str]:
-    """Environment variables read by Settings.from_env, _wsgi.py and the Dockerfile's CMD."""
+    """Environment variables read by Settings.from_env, _wsgi.py, backend/config.py and the Dockerfile's CMD."""
     settings = (ROOT / "backend" / "studio" / "settings.py").read_text()
     names = set(re.findall(r"\b(?:env|_flag)\(\s*\"([A-Z][A-Z0-9_]*)\"", settings))
-    names |= set(re.findall(r"os\.environ\.get\(\s*\"([A-Z][A-Z0-9_]*)\"", (ROOT / "_wsgi.py").read_text()))
+    for path in (ROOT / "_wsgi.py", ROOT / "backend" / "config.py"):  # config.py: HCC_CACHE_DIR
+        names |= set(re.findall(r"os\.environ\.get\(\s*\"([A-Z][A-Z0-9_]*)\"", path.read_text()))
     names |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", dockerfile_cmd()))
     # The scan must find what the compose file relies on, or every check below would pass vacuously.
     assert {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "HCC_LLM_BASE_URL", "HCC_LLM_MODEL",

@@ -326,3 +326,44 @@ def test_settings_read_the_classifier_and_precision_and_refuse_bad_values(monkey
     monkeypatch.setenv("HCC_CLASSIFIER", "knn")
     with pytest.raises(ValueError, match="HCC_CLASSIFIER must be one of .*'knn'"):
         Settings.from_env()
+
+
+def test_a_second_encoder_reaches_the_records_and_the_model_version(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HCC_SECOND_ENCODER", raising=False)
+    plain = Settings.from_env()
+    monkeypatch.setenv("HCC_SECOND_ENCODER", " all-mpnet-base-v2 ")
+    settings = Settings.from_env()
+    assert settings.second_encoder == "all-mpnet-base-v2" and plain.second_encoder == ""
+    assert settings.model_version != plain.model_version  # another score, another model version
+    project = ProjectModel(6, TARGET, Settings(model_dir=tmp_path), AngleEncoder(), second_encoder=AngleEncoder())
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    records, _ = project.label(item_tasks())
+    # The same geometry in both spaces: the second encoder backs every label the first one gave.
+    assert all(r["encoder2_label"] == r["encoder_label"] for r in records.values())
+    assert all(r["encoder2_probability"] == r["encoder_probability"] for r in records.values())
+    assert "encoder2_logit" in project.pipeline.prior().weights
+
+
+def test_the_service_builds_the_second_encoder_only_when_set(tmp_path: Path) -> None:
+    from backend.encoder import DEFAULT_ENCODER
+    from backend.studio.service import HCCService
+
+    assert HCCService(Settings(model_dir=tmp_path)).second_encoder is None
+    service = HCCService(Settings(model_dir=tmp_path, second_encoder=DEFAULT_ENCODER))
+    second = service.second_encoder
+    assert second is not None and second is service.second_encoder  # built once
+    model = service.model(7, "<View><Text name='t' value='$text'/><Choices name='c' toName='t'>"
+                             "<Choice value='yes'/><Choice value='no'/></Choices></View>")
+    assert model.pipeline.second_encoder is second
+
+
+def test_a_second_encoder_that_was_never_pulled_fails_setup_with_the_fix(tmp_path: Path, monkeypatch) -> None:
+    from backend.studio.service import HCCService
+
+    monkeypatch.setenv("HCC_CACHE_DIR", str(tmp_path / "empty-cache"))
+    service = HCCService(Settings(model_dir=tmp_path, second_encoder="all-mpnet-base-v2"))
+    config = ("<View><Text name='t' value='$text'/><Choices name='c' toName='t'><Choice value='yes'/>"
+              "<Choice value='no'/></Choices></View>")
+    with pytest.raises(ValueError, match="HCC_SECOND_ENCODER: .*hcc encoder pull all-mpnet-base-v2"):
+        service.setup({"project": 8, "schema": config})

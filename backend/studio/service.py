@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from backend.encoder import Encoder
+from backend.encoder import Encoder, EncoderError, resolve_model_path
 from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import JobQueue, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
@@ -82,6 +82,10 @@ class HCCService:
             return None
         with self._lock:
             if self._second_encoder is None:
+                try:  # a packaged encoder that was never pulled fails here, at /setup, not in a later job
+                    resolve_model_path(self.settings.second_encoder)
+                except EncoderError as exc:
+                    raise ValueError(f"HCC_SECOND_ENCODER: {exc}") from exc
                 self._second_encoder = Encoder(self.settings.second_encoder,
                                                cache_dir=self.settings.cache_dir / "embeddings",
                                                precision=self.settings.encoder_precision)
