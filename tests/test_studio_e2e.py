@@ -258,3 +258,55 @@ def test_an_empty_model_dir_is_rebuilt_from_label_studio(world, tmp_path):
         assert status["anchors"] == world["n_anchors"]
     finally:
         fresh.stop()
+
+
+def test_a_second_encoder_through_label_studio_and_a_missing_one_refused_at_connection(label_studio, tmp_path):
+    from label_studio_sdk import LabelStudio
+
+    from backend.studio.store import ProjectStore
+
+    anchors_all, tasks_all = _rows("banking77_anchors.csv"), _rows("banking77_tasks.csv")
+    classes = sorted({r["category"] for r in anchors_all})[:3]
+    anchors = [r for r in anchors_all if r["category"] in classes]
+    tasks = [r for r in tasks_all if r["category"] in classes][:6]
+    config = ('<View><Text name="text" value="$text"/><Choices name="intent" toName="text">'
+              + "".join(f'<Choice value="{c}"/>' for c in classes) + "</Choices></View>")
+    env = {"LABEL_STUDIO_URL": label_studio["url"], "LABEL_STUDIO_API_KEY": label_studio["token"],
+           "HCC_LLM_BASE_URL": "", "LOG_LEVEL": "INFO", "HCC_CACHE_DIR": str(tmp_path / "cache")}
+    ls = LabelStudio(base_url=label_studio["url"], api_key=label_studio["token"])
+    project = ls.projects.create(title="hcc second encoder", label_config=config)
+
+    # Never pulled: connecting the model in Label Studio fails, and the backend's log says how to fix it.
+    missing = BackendProcess({**env, "MODEL_DIR": str(tmp_path / "md-missing"),
+                              "HCC_SECOND_ENCODER": "all-mpnet-base-v2"}, tmp_path / "missing.log")
+    try:
+        with pytest.raises(Exception) as refused:
+            ls.ml.create(url=missing.url, project=project.id, title="hcc")
+        # Label Studio shows that /setup failed and points at the backend's log, which names the fix.
+        assert "/setup" in str(getattr(refused.value, "body", refused.value))
+        assert "HCC_SECOND_ENCODER" in (tmp_path / "missing.log").read_text()
+        assert "hcc encoder pull all-mpnet-base-v2" in (tmp_path / "missing.log").read_text()
+    finally:
+        missing.stop()
+
+    # The packaged MiniLM as its own second opinion: the wiring, end to end, without a download.
+    model_dir = tmp_path / "md"
+    backend = BackendProcess({**env, "MODEL_DIR": str(model_dir), "HCC_SECOND_ENCODER": "all-MiniLM-L6-v2"},
+                             tmp_path / "backend.log")
+    world = {"ls": ls, "project": project.id, "backend": backend}
+    try:
+        ls.ml.create(url=backend.url, project=project.id, title="hcc")
+        ls.projects.import_tasks(id=project.id, request=[
+            *({"data": {"text": r["text"]}, "annotations": [{"result": _choice(r["category"])}]} for r in anchors),
+            *({"data": {"text": r["text"]}} for r in tasks)])
+        _wait(lambda: _status(world)["last_run"].get("kind") == "prelabel"
+              and _status(world)["job"].get("state") == "done", timeout=240, what="pre-labelling")
+        version = requests.get(f"{backend.url}/health", timeout=5).json()["model_version"]
+        predicted = [t for t in _tasks(world).values() if not t["annotations"]]
+        assert len(predicted) == len(tasks)
+        assert all(_our_prediction(t, version) is not None for t in predicted)
+        records = ProjectStore(model_dir / "projects" / str(project.id)).items()
+        labelled = [records[t["id"]] for t in predicted]
+        assert all(r["encoder2_label"] == r["encoder_label"] and 0 < r["prior_probability"] < 1 for r in labelled)
+    finally:
+        backend.stop()
