@@ -40,6 +40,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 
 from backend.prior import PRIOR
+from backend.probability import item_log_loss
 from backend.signals import Signals, logit, signal_features
 
 METHODS = ("prior", "platt", "isotonic", "logistic")
@@ -189,7 +190,7 @@ class Calibrator:
         if self.selection == "one_se":
             # The simplest candidate within one standard error of the best (Hastie et al., ESL 7.10): with
             # tens of pairs the CV losses of the candidates differ by less than their noise.
-            losses = _item_losses(oof[best], y)
+            losses = item_log_loss(oof[best], y)
             limit = self.cv_log_loss_[best] + losses.std(ddof=1) / np.sqrt(len(y))
             best = next(c for c in order if self.cv_log_loss_[c] <= limit)
         self.method_ = best
@@ -404,17 +405,12 @@ def _check_probabilities(probabilities: Any, correct: Any | None = None) -> tupl
 # -- metrics -----------------------------------------------------------------------------------------------
 
 
-def _item_losses(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return -np.where(y, np.log(p), np.log1p(-p))
-
-
 def log_loss(probabilities: Any, correct: Any) -> float:
     """Mean negative log-likelihood of ``correct`` under ``probabilities`` (clipped to [1e-6, 1 - 1e-6])."""
     p, y = _check_probabilities(probabilities, correct)
     if len(p) == 0:
         raise ValueError("log loss of no items")
-    return float(_item_losses(p, y).mean())
+    return float(item_log_loss(p, y).mean())
 
 
 def expected_calibration_error(probabilities: Any, correct: Any, *, n_bins: int = 10) -> float:

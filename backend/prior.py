@@ -23,6 +23,8 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from backend.probability import item_log_loss, logit
+
 #: The packaged mapping: log-odds = intercept + sum(weight * feature). Fitted by logistic regression of the
 #: encoder's correctness on 2,000 Banking77 train items that are not anchors (seeded, 500 anchors, MiniLM,
 #: centroid classifier; the first variant with all-mpnet-base-v2 as the second encoder); no test item was
@@ -33,7 +35,6 @@ PRIOR: tuple[tuple[float, dict[str, float]], ...] = (
     (-3.32, {"encoder_logit": 0.678, "anchor_similarity": 4.88}),
     (0.01, {"encoder_logit": 0.875}),
 )
-_CLIP = 1e-4  # as backend.signals: a probability of 0 or 1 must not become an infinite logit
 _PLATT_C = 1e4  # Platt's two parameters are (almost) unpenalised
 
 
@@ -41,9 +42,9 @@ def prior_features(encoder_probability: Any, anchor_similarity: Any, encoder2_pr
                    encoder2_anchor_similarity: Any = None) -> dict[str, np.ndarray]:
     """The prior's features from raw signals: log-odds of the probabilities, similarities with a missing
     value (NaN or -inf) as 0, as the calibrator's features impute it. The second encoder's are optional."""
-    out = {"encoder_logit": _logit(encoder_probability), "anchor_similarity": _similarity(anchor_similarity)}
+    out = {"encoder_logit": logit(encoder_probability), "anchor_similarity": _similarity(anchor_similarity)}
     if encoder2_probability is not None:
-        out["encoder2_logit"] = _logit(encoder2_probability)
+        out["encoder2_logit"] = logit(encoder2_probability)
         out["encoder2_anchor_similarity"] = _similarity(encoder2_anchor_similarity)
     return out
 
@@ -105,7 +106,7 @@ def fit_prior(features: Mapping[str, Any], right: Any, *, folds: int = 5, min_pa
     rescaled = np.empty(n)
     for train, test in splits.split(z.reshape(-1, 1), y):
         rescaled[test] = _platt(z[train], y[train]).predict_proba(z[test].reshape(-1, 1))[:, 1]
-    gain = _item_loss(expit(z), y) - _item_loss(rescaled, y)  # > 0 where the rescaled mapping does better
+    gain = item_log_loss(expit(z), y) - item_log_loss(rescaled, y)  # > 0 where the rescaled mapping does better
     standard_error = gain.std(ddof=1) / math.sqrt(n)
     if gain.mean() <= standard_error:
         packaged.message = (f"packaged prior mapping: rescaling it on {n} cross-checked anchors ({n_right} right) "
@@ -122,11 +123,6 @@ def fit_prior(features: Mapping[str, Any], right: Any, *, folds: int = 5, min_pa
     )
 
 
-def _logit(p: Any) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
-    return np.log(p / (1 - p))
-
-
 def _similarity(value: Any) -> np.ndarray:
     value = np.asarray(value, dtype=np.float64)
     return np.where(np.isfinite(value), value, 0.0)
@@ -136,6 +132,3 @@ def _platt(z: np.ndarray, y: np.ndarray) -> LogisticRegression:
     return LogisticRegression(C=_PLATT_C).fit(z.reshape(-1, 1), y)
 
 
-def _item_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return -np.where(y, np.log(p), np.log1p(-p))

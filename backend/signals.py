@@ -20,6 +20,7 @@ import numpy as np
 from backend.data import MAX_TEXT_CHARS
 from backend.hcc import LLM_VIEWS
 from backend.prior import PRIOR
+from backend.probability import logit
 
 SAMPLED_VIEWS = ("zero_shot", "hinted")
 
@@ -102,8 +103,6 @@ def add_self_consistency(
 
 # -- the feature matrix ------------------------------------------------------------------------------------
 
-_CLIP = 1e-4  # probabilities are clipped to [_CLIP, 1 - _CLIP] before a logit: a 0 or 1 must not become inf
-
 
 @dataclass
 class Signals:
@@ -116,11 +115,6 @@ class Signals:
 
     def column(self, name: str) -> np.ndarray:
         return self.values[:, self.names.index(name)]
-
-
-def logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
-    return np.log(p / (1 - p))
 
 
 def feature_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
