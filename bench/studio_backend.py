@@ -3,6 +3,8 @@
     .venv/bin/python bench/studio_backend.py --llm-base-url http://127.0.0.1:8091/v1 --llm-model qwen2.5-coder-1.5b \
         --out bench/results/studio_backend.json
 
+``--second-encoder all-mpnet-base-v2`` measures the same with the second encoder's opinion (pulled first).
+
 Steps (Banking77 from ../shared/data, 5% of train imported as annotated tasks = anchors):
 1. /predict for 1 task, ``--single`` times on different test texts: with the LLM (answers not cached), then the
    same requests again (answers cached): p50/p95 latency.
@@ -98,6 +100,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--import-tasks", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--second-encoder", default="", help="HCC_SECOND_ENCODER of both backends (e.g. all-mpnet-base-v2)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -108,7 +111,8 @@ def main() -> int:
     labels = sorted({r["category"] for r in train})
     config = _config(labels)
     work = Path(tempfile.mkdtemp(prefix="hcc-bench-studio-"))
-    results: dict = {"machine": "2 vCPU AMD EPYC, 24 GB, no GPU", "anchors": len(anchors), "llm": args.llm_model}
+    results: dict = {"machine": "2 vCPU AMD EPYC, 24 GB, no GPU", "anchors": len(anchors), "llm": args.llm_model,
+                     "second_encoder": args.second_encoder or None}
 
     from label_studio_sdk import LabelStudio
 
@@ -116,7 +120,8 @@ def main() -> int:
                                            token=TOKEN)
     ls = LabelStudio(base_url=ls_service.url, api_key=TOKEN)
     base_env = {"LABEL_STUDIO_URL": ls_service.url, "LABEL_STUDIO_API_KEY": TOKEN, "LOG_LEVEL": "WARNING",
-                "HCC_LLM_MODEL": args.llm_model, "HCC_LLM_STRUCTURED": args.llm_structured, "HCC_LLM_LOGPROBS": "0"}
+                "HCC_LLM_MODEL": args.llm_model, "HCC_LLM_STRUCTURED": args.llm_structured, "HCC_LLM_LOGPROBS": "0",
+                "HCC_SECOND_ENCODER": args.second_encoder}
     services = [ls_service]
     try:
         with_llm = launch.start_backend({**base_env, "MODEL_DIR": str(work / "md-llm"),
