@@ -5,7 +5,7 @@ prediction matched the human). :class:`Calibrator` maps signals (``backend/signa
 
 * ``prior``: a fixed mapping of the encoder's signals to log-odds, ``z0 = a + b * logit(encoder
   probability) + c * anchor similarity`` (coefficients fitted once on Banking77 *train* items, see
-  :data:`PRIOR`), with its level shifted towards the reviews: ``P = sigmoid(z0 + s)``, ``s`` the MAP
+  :data:`backend.prior.PRIOR`), with its level shifted towards the reviews: ``P = sigmoid(z0 + s)``, ``s`` the MAP
   estimate under a N(0, 1) prior, so 0 reviews leave the prior unchanged and a few only move it a little;
 * ``platt``: Platt scaling of the prior's log-odds, ``P = sigmoid(a z0 + b)``, fitted on Platt's smoothed
   targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2) (Platt, "Probabilistic Outputs for Support Vector
@@ -39,7 +39,7 @@ from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 
-from backend.prior import PRIOR
+from backend.prior import PriorMapping
 from backend.probability import item_log_loss
 from backend.signals import Signals, logit, signal_features
 
@@ -53,19 +53,16 @@ def prior_log_odds(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """The prior mapping's log-odds of each row.
 
     Records carry it as ``prior_probability`` (feature ``prior_logit``): the mapping of the run's anchors
-    (``backend/prior.py``). Records of an older run fall back to the packaged :data:`PRIOR` on their encoder
-    signals; without the encoder's probability the uncalibrated ``agreement_score`` is read as a
-    probability; without that either, every item gets even odds.
+    (``backend/prior.py``). Records of an older run fall back to the packaged
+    :data:`backend.prior.PRIOR` on their encoder signals; without the encoder's probability the uncalibrated
+    ``agreement_score`` is read as a probability; without that either, every item gets even odds.
     """
     values = np.asarray(values, dtype=np.float64)
     if "prior_logit" in names:
         return values[:, list(names).index("prior_logit")].copy()
-    for intercept, weights in PRIOR:
-        if all(name in names for name in weights):
-            z = np.full(len(values), intercept)
-            for name, weight in weights.items():
-                z += weight * values[:, list(names).index(name)]
-            return z
+    packaged = PriorMapping.packaged_or_none(names)
+    if packaged is not None:
+        return packaged.log_odds({name: values[:, j] for j, name in enumerate(names)}) + np.zeros(len(values))
     if "agreement_score" in names:
         return logit(np.clip(values[:, list(names).index("agreement_score")], 0.05, 0.95))
     return np.zeros(len(values))

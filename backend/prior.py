@@ -1,14 +1,14 @@
 """The prior mapping: P(label is right) from the encoder's signals alone, before any review.
 
 The packaged mapping (:data:`PRIOR`) was fitted once on Banking77 with MiniLM. On another data set, encoder
-or classifier its level and slope can be far off (on the RTE entailment items of Snow et al. 2008 it claims
-~75% where the encoder is right 53% of the time). The anchors are human labels the run already has, so
-each anchor can be classified by the *other* anchors (``folds``-fold cross-fitting, every anchor held out
-once), which gives (encoder signals, right?) pairs on the team's own data at no cost. :func:`fit_prior`
-Platt-scales the packaged log-odds on those pairs, ``z = a z_packaged + b`` (Platt, "Probabilistic Outputs
-for Support Vector Machines", 1999), and adopts the rescaled mapping only when it beats the packaged one
-by more than one standard error of the paired out-of-fold log-loss difference: where the packaged
-mapping already fits (Banking77), it is kept.
+or classifier its level and slope can be far off (on the RTE entailment items of Snow et al. 2008, where
+the encoder is right 53% of the time, its calibration error is 0.25 before any review). The anchors are
+human labels the run already has, so each anchor can be classified by the *other* anchors (``folds``-fold
+cross-fitting, every anchor held out once), which gives (encoder signals, right?) pairs on the team's own
+data at no cost. :func:`fit_prior` Platt-scales the packaged log-odds on those pairs, ``z = a z_packaged +
+b`` (Platt, "Probabilistic Outputs for Support Vector Machines", 1999), and adopts the rescaled mapping
+only when it beats the packaged one by more than one standard error of the paired out-of-fold log-loss
+difference: where the packaged mapping already fits (Banking77), it is kept.
 """
 
 from __future__ import annotations
@@ -64,10 +64,18 @@ class PriorMapping:
     @classmethod
     def packaged(cls, features: Any, **fields: Any) -> PriorMapping:
         """The first packaged variant whose features are all among ``features`` (names)."""
+        mapping = cls.packaged_or_none(features, **fields)
+        if mapping is None:
+            raise ValueError(f"no packaged prior mapping uses only {sorted(features)}")
+        return mapping
+
+    @classmethod
+    def packaged_or_none(cls, features: Any, **fields: Any) -> PriorMapping | None:
+        """As :meth:`packaged`, or None when no variant fits the features (records of a much older run)."""
         for intercept, weights in PRIOR:
             if all(name in features for name in weights):
                 return cls(intercept=intercept, weights=dict(weights), **fields)
-        raise ValueError(f"no packaged prior mapping uses only {sorted(features)}")
+        return None
 
     def log_odds(self, features: Mapping[str, Any]) -> np.ndarray:
         """Log-odds of each item from :func:`prior_features`."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from backend.data import MAX_TEXT_CHARS
 from backend.hcc import LLM_VIEWS
-from backend.prior import PRIOR
+from backend.prior import PriorMapping
 from backend.probability import logit
 
 SAMPLED_VIEWS = ("zero_shot", "hinted")
@@ -230,8 +230,9 @@ def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
         value = _number(rec, key)
         if value is not None:
             row[name] = value
-    if "prior_logit" not in row:  # a record of an older run: the packaged mapping of its encoder signals
-        row |= _packaged_prior(row)
+    packaged = PriorMapping.packaged_or_none(row) if "prior_logit" not in row else None
+    if packaged is not None:  # a record of an older run: the packaged mapping of its encoder signals
+        row["prior_logit"] = float(packaged.log_odds(row))
     views = [v for v in LLM_VIEWS if f"llm_{v}" in rec]
     row["backs_encoder"] = float(rec.get("encoder_label") == label)
     if "encoder2_label" in rec:
@@ -261,13 +262,6 @@ def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
     if score is not None:
         row["agreement_score"] = score
     return row
-
-
-def _packaged_prior(row: Mapping[str, float]) -> dict[str, float]:
-    for intercept, weights in PRIOR:
-        if all(name in row for name in weights):
-            return {"prior_logit": intercept + sum(w * row[name] for name, w in weights.items())}
-    return {}
 
 
 def _last_vote_share(rec: Mapping[str, Any], label: Any) -> float:
