@@ -32,8 +32,8 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend import attentiveness as att  # noqa: E402
-from backend.simulation import simulate_comparisons  # noqa: E402
+from backend.annotators import attentiveness as att  # noqa: E402
+from backend.annotators.simulation import simulate_comparisons  # noqa: E402
 
 USERS = (50, 200, 1000)
 PER_USER = (10, 50, 200)

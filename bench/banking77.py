@@ -23,12 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.anchors import class_scores, knn_vote  # noqa: E402
+from backend.cli.evaluate import accuracy_by_stage  # noqa: E402
 from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
-from backend.encoder import DEFAULT_ENCODER, Encoder, cpu_has_native_bf16  # noqa: E402
-from backend.evaluate import accuracy_by_stage  # noqa: E402
-from backend.hcc import HCCConfig, HCCPipeline, dcca  # noqa: E402
-from backend.llm import LLMAnnotator  # noqa: E402
+from backend.labelling.anchors import class_scores, knn_vote  # noqa: E402
+from backend.labelling.encoder import DEFAULT_ENCODER, Encoder, cpu_has_native_bf16  # noqa: E402
+from backend.labelling.llm import LLMAnnotator  # noqa: E402
+from backend.labelling.pipeline import HCCConfig, HCCPipeline, dcca  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 
@@ -168,7 +168,7 @@ def run_ablation(args, enc, anchors, sample, labels, cache) -> dict:
     server = None
     base_url = args.llm_base_url
     if not base_url:
-        from backend import local_llm
+        from backend.models import local_llm
 
         port = 8091
         # Without logprobs the server need not keep logits for every prompt token.
@@ -204,7 +204,7 @@ def run_ablation(args, enc, anchors, sample, labels, cache) -> dict:
         return rows
     finally:
         if server is not None:
-            from backend import local_llm
+            from backend.models import local_llm
 
             local_llm.stop(server)
 

@@ -43,8 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.anchors import class_scores, nearest_of_label  # noqa: E402
-from backend.calibration import (  # noqa: E402
+from backend.confidence.calibration import (  # noqa: E402
     Calibrator,
     brier_score,
     effort_curve,
@@ -57,11 +56,12 @@ from backend.calibration import (  # noqa: E402
     selective_accuracy,
     threshold_for_precision,
 )
+from backend.confidence.signals import add_self_consistency, logit, signal_features  # noqa: E402
 from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
-from backend.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
-from backend.hcc import HCCConfig, HCCPipeline, encoder_probabilities, stored_answers  # noqa: E402
-from backend.llm import LLMAnnotator  # noqa: E402
-from backend.signals import add_self_consistency, logit, signal_features  # noqa: E402
+from backend.labelling.anchors import class_scores, nearest_of_label  # noqa: E402
+from backend.labelling.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
+from backend.labelling.llm import LLMAnnotator  # noqa: E402
+from backend.labelling.pipeline import HCCConfig, HCCPipeline, encoder_probabilities, stored_answers  # noqa: E402
 from bench.banking77 import DATA, read  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -125,7 +125,7 @@ SECOND = f" + {SECOND_ENCODER}"  # suffix of the runs with the second encoder's 
 
 def second_encoder() -> Encoder | None:
     """all-mpnet-base-v2 when it has been pulled (`hcc encoder pull all-mpnet-base-v2`), else None."""
-    from backend.encoder import EncoderError, resolve_model_path
+    from backend.labelling.encoder import EncoderError, resolve_model_path
 
     try:
         resolve_model_path(SECOND_ENCODER)
@@ -577,7 +577,7 @@ def rte_items() -> list[dict]:
 
 
 def prior_transfer(*, seeds: int = 5) -> dict[str, Any]:
-    """The packaged prior mapping against the one rescaled on the run's own anchors (backend/prior.py), on
+    """The packaged prior mapping against the one rescaled on the run's own anchors (backend/confidence/prior.py), on
     settings it was not fitted for: other classifiers, the mpnet encoder, and RTE. Encoder-only runs;
     calibration metrics on the held-out 95% with 0%, 1% and 5% of the items reviewed (seeded as evaluate)."""
     labels, anchors, test, *_ = load()

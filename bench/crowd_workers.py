@@ -25,9 +25,9 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.attentiveness import IdentifiabilityWarning  # noqa: E402
-from backend.crowd import CategoricalAttentiveness, MajorityVote  # noqa: E402
-from backend.simulation import simulate_crowd  # noqa: E402
+from backend.annotators.attentiveness import IdentifiabilityWarning  # noqa: E402
+from backend.annotators.crowd import CategoricalAttentiveness, MajorityVote  # noqa: E402
+from backend.annotators.simulation import simulate_crowd  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "crowd_workers"
 SETS = ("rte", "temp", "wsd")

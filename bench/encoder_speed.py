@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend import encoder_models  # noqa: E402
-from backend.anchors import class_scores  # noqa: E402
-from backend.encoder import Encoder, cpu_has_native_bf16  # noqa: E402
+from backend.labelling.anchors import class_scores  # noqa: E402
+from backend.labelling.encoder import Encoder, cpu_has_native_bf16  # noqa: E402
+from backend.models import encoder_models  # noqa: E402
 from bench.banking77 import DATA, read  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"

@@ -23,8 +23,8 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend import prompts  # noqa: E402
-from backend.llm import LLMAnnotator, gbnf_choice  # noqa: E402
+from backend.labelling import prompts  # noqa: E402
+from backend.labelling.llm import LLMAnnotator, gbnf_choice  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 # --------------------------------------------------------------------------------------------------------
-# Local LLM server (backend.local_llm): a real llama.cpp server on SmolLM2-135M, shared by the session
+# Local LLM server (backend.models.local_llm): a real llama.cpp server on SmolLM2-135M, shared by the session
 # --------------------------------------------------------------------------------------------------------
 import importlib.util
 from collections.abc import Iterator
 
 import pytest
 
-from backend.local_llm import free_port
+from backend.models.local_llm import free_port
 
 LLM_TEST_MODEL = "smollm2-135m"  # ~94 MB: small enough for CI, only good for exercising the plumbing
 
@@ -29,7 +29,7 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (pip install 'label-studio-hcc[llm]')")
-    from backend import local_llm
+    from backend.models import local_llm
 
     local_llm.pull(LLM_TEST_MODEL)
     port = free_port()

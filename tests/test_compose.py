@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from backend.cli import build_parser
+from backend.cli.main import build_parser
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: pip install pyyaml to check docker-compose.yml")
 

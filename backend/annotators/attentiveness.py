@@ -8,7 +8,7 @@ The model, as fitted here:
 
 * Item ``t`` has a latent truth ``s_t`` in {A, B}: whose response is really better. Its prior is
   ``P(s_t = A) = p_t``: a common ``mu`` (given, or estimated), or a judge's probability for that item
-  (:mod:`backend.judge`).
+  (:mod:`backend.annotators.judge`).
 * Annotator ``u`` is attentive with probability ``eta_u`` ~ Beta(a, b) (default a=8, b=2: the MAP
   penalty is ``7 log eta + log(1 - eta)``). An attentive choice is ``s_t``. An inattentive choice is a
   click on the left with probability ``beta_u``, the annotator's position bias (1/2 unless estimated,

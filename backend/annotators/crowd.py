@@ -4,7 +4,7 @@ Input: a long table ``item_id, worker_id, label``; several annotators per item m
 Three models of how annotator u produces label ``l`` for an item whose true class is ``k``, each fitted
 by EM to its maximum a posteriori (the penalised log-likelihood never decreases, ``loss_history_``):
 
-* ``one_coin`` -- the attentive / inattentive model of :mod:`backend.attentiveness` for K classes:
+* ``one_coin`` -- the attentive / inattentive model of :mod:`backend.annotators.attentiveness` for K classes:
   with probability ``eta_u`` ~ Beta(a, b) the annotator is attentive and gives ``k``; otherwise they click
   from their own distribution ``pi_u`` over the K classes (Dirichlet prior):
   ``P(l | k) = eta_u [l = k] + (1 - eta_u) pi_u(l)``. K parameters per annotator; an annotator who
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
 
-from backend.attentiveness import IdentifiabilityWarning, _examples, clean_text, repeated_pairs
+from backend.annotators.attentiveness import IdentifiabilityWarning, _examples, clean_text, repeated_pairs
 
 log = logging.getLogger(__name__)
 

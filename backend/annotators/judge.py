@@ -16,7 +16,7 @@ response is better:
 
 ``p_left`` is the mean over the orders that answered, and the confidence ``C = 2 |p_left - 1/2|``: 0 when
 the orders disagree or the LLM is unsure, 1 when both orders are certain and agree. In the attentiveness
-EM, ``p_left`` can be each item's prior (:class:`backend.attentiveness.PairwiseAttentiveness`, ``judge=``).
+EM, ``p_left`` can be each item's prior (:class:`backend.annotators.attentiveness.PairwiseAttentiveness`, ``judge=``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.llm import LLMAnnotator, LLMAnswer, canonical
+from backend.labelling.llm import LLMAnnotator, LLMAnswer, canonical
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class _JudgeClient(LLMAnnotator):
 class PairwiseJudge:
     """Which of two responses is better, asked of an LLM in both orders (module docstring: the method).
 
-    Options are those of :class:`backend.llm.LLMAnnotator` (``base_url``, ``model``, ``api_key``,
+    Options are those of :class:`backend.labelling.llm.LLMAnnotator` (``base_url``, ``model``, ``api_key``,
     ``cache_dir``, ``concurrency``, ``timeout``, ``max_retries``, ``structured``, ``logprobs``, ...).
     Answers are cached on disk like the annotator's, so a re-run costs no calls.
     """
@@ -157,7 +157,7 @@ class PairwiseJudge:
         return self.client.stats
 
     def check(self) -> None:
-        """Fail fast (:class:`backend.llm.LLMError`) when the server cannot be reached."""
+        """Fail fast (:class:`backend.labelling.llm.LLMError`) when the server cannot be reached."""
         self.client.check()
 
     def judge(self, prompts: Sequence[str], lefts: Sequence[str], rights: Sequence[str], *,

@@ -8,7 +8,7 @@ Output (:func:`export_preferences`): one preference pair per kept choice, for DP
     {"item_id", "prompt", "chosen", "rejected", "weight", "annotator", "annotator_quality", "judge_confidence"}
 
 Weight. ``weight = P(the annotator's choice is the better response | all the data)``, the posterior of
-:class:`backend.attentiveness.PairwiseAttentiveness` (with the judge's probability as the item's prior
+:class:`backend.annotators.attentiveness.PairwiseAttentiveness` (with the judge's probability as the item's prior
 when there is one), times the judge's confidence ``C = 2 |p_left - 1/2|`` when the pair was judged
 (CW-PO). Choices of annotators whose quality (posterior mean ``eta``) is below ``min_quality`` are left
 out, as are ties and skips, and pairs whose prompt or responses are missing.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from backend.attentiveness import MODEL_COLUMNS, PairwiseAttentiveness, clean_text
+from backend.annotators.attentiveness import MODEL_COLUMNS, PairwiseAttentiveness, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def item_texts(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def judge_left_probabilities(verdicts: Mapping[str, Any]) -> dict[str, float]:
-    """item id -> P(left better) from judge verdicts (:class:`backend.judge.JudgeVerdict`, dicts with a
+    """item id -> P(left better) from judge verdicts (:class:`backend.annotators.judge.JudgeVerdict`, dicts with a
     ``p_left`` key, or plain numbers); items without a probability are left out."""
     out: dict[str, Any] = {}
     for item, verdict in dict(verdicts).items():
@@ -174,7 +174,7 @@ def judge_left_probabilities(verdicts: Mapping[str, Any]) -> dict[str, float]:
 
 
 def judge_items(judge: Any, frame: pd.DataFrame, *, progress=None) -> dict[str, Any]:
-    """Ask a :class:`backend.judge.PairwiseJudge` about each item once; item id -> verdict."""
+    """Ask a :class:`backend.annotators.judge.PairwiseJudge` about each item once; item id -> verdict."""
     texts = item_texts(frame)
     verdicts = judge.judge(list(texts["prompt"]), list(texts["response_left"]), list(texts["response_right"]),
                            progress=progress)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from backend import data
-from backend.encoder import DEFAULT_ENCODER, Encoder
-from backend.hcc import HCCConfig, HCCPipeline
-from backend.llm import LLMAnnotator
+from backend.labelling.encoder import DEFAULT_ENCODER, Encoder
+from backend.labelling.llm import LLMAnnotator
+from backend.labelling.pipeline import HCCConfig, HCCPipeline
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class AnnotateOptions:
     label_field: str | None = None
     encoder: str = DEFAULT_ENCODER
     encoder_precision: str | None = None  # None: HCC_ENCODER_PRECISION, else auto
-    second_encoder: str | None = None  # a second encoder's opinion, a confidence signal (backend/prior.py)
+    second_encoder: str | None = None  # a second encoder's opinion, a confidence signal (backend/confidence/prior.py)
     llm_base_url: str | None = None  # None: encoder only
     llm_model: str = "local"
     llm_api_key: str | None = None
@@ -37,7 +37,7 @@ class AnnotateOptions:
     logprobs: bool = True
     structured: str = "auto"
     seed: int = 0
-    self_consistency: int = 0  # k sampled zero-shot answers per item (0: off); see backend/signals.py
+    self_consistency: int = 0  # k sampled zero-shot answers per item (0: off); see backend/confidence/signals.py
     sc_temperature: float = 0.7
     cache_dir: Path | None = None
     progress: bool = True
@@ -114,7 +114,7 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
 def _add_self_consistency(result, llm: LLMAnnotator, opts: AnnotateOptions) -> None:
     from copy import copy
 
-    from backend.signals import add_self_consistency
+    from backend.confidence.signals import add_self_consistency
 
     # Samples need no token probabilities, and asking for them doubles a llama.cpp call: a copy of the
     # annotator (same client, cache and prompts) without them.

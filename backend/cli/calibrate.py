@@ -1,7 +1,7 @@
 """``hcc calibrate``: calibrated confidence and review flags for an ``hcc annotate`` output.
 
 Reads the annotate JSONL and a file of human labels for some of its rows, fits a
-:class:`backend.calibration.Calibrator` on the reviewed rows (prediction vs human label), and writes every
+:class:`backend.confidence.calibration.Calibrator` on the reviewed rows (prediction vs human label), and writes every
 row back with ``confidence`` (P(label is right)), ``needs_review`` and ``review_rank``. The flag threshold
 follows from the target precision of the rows left unflagged. Knows nothing of Label Studio.
 """
@@ -100,8 +100,8 @@ def read_human_labels(path: str | Path, records: Sequence[dict[str, Any]], *, la
 def calibrate_files(pred: str | Path, human: str | Path, out: str | Path, opts: CalibrateOptions
                     ) -> dict[str, Any]:
     """Fit on the reviewed rows, write the scored rows to ``out``; returns the summary."""
-    from backend.annotate import write_json, write_jsonl
-    from backend.calibration import Calibrator
+    from backend.cli.annotate import write_json, write_jsonl
+    from backend.confidence.calibration import Calibrator
 
     if not 0 < opts.target_precision <= 1:
         raise ValueError(f"--target-precision must be in (0, 1], got {opts.target_precision}")
@@ -140,7 +140,7 @@ def score_rows(records: list[dict[str, Any]], human_labels: Sequence[str | None]
     """
     import numpy as np
 
-    from backend.calibration import review_order, threshold_for_precision
+    from backend.confidence.calibration import review_order, threshold_for_precision
 
     # Rounded first, so that the written confidences, the threshold and the flags agree exactly.
     conf = np.round(np.asarray(confidence, dtype=float), 4)
@@ -174,7 +174,7 @@ def score_rows(records: list[dict[str, Any]], human_labels: Sequence[str | None]
 
 
 def _fit_summary(calibrator, records, human_labels) -> dict[str, Any]:
-    from backend.calibration import (
+    from backend.confidence.calibration import (
         brier_score,
         error_detection_auroc,
         expected_calibration_error,
@@ -202,7 +202,7 @@ def _fit_summary(calibrator, records, human_labels) -> dict[str, Any]:
 
 
 def _plot(calibrator, records, human_labels, path) -> str | None:
-    from backend.calibration import plot_reliability, reviewed_pairs
+    from backend.confidence.calibration import plot_reliability, reviewed_pairs
 
     rows, correct = reviewed_pairs(records, human_labels)
     if not len(rows):
@@ -220,7 +220,7 @@ def _round(value: float | None) -> float | None:
 
 
 def run(args: Any) -> int:
-    """Entry point of ``hcc calibrate`` (argparse namespace from backend/cli.py)."""
+    """Entry point of ``hcc calibrate`` (argparse namespace from backend/cli/main.py)."""
     options: dict[str, Any] = {}
     if args.methods:
         options["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MODES = ("auto", "categorical", "pairwise")
-CATEGORICAL_MODELS = ("auto", "one_coin", "dawid_skene", "shrunk")  # backend.crowd.MODELS (a test checks)
-STRUCTURED_CHOICES = ("auto", "json_schema", "json_object", "grammar", "choice", "none")  # backend.llm's
-#: Default field names: those of backend.preferences.ComparisonKeys (a test checks).
+CATEGORICAL_MODELS = ("auto", "one_coin", "dawid_skene", "shrunk")  # backend.annotators.crowd.MODELS (a test checks)
+STRUCTURED_CHOICES = ("auto", "json_schema", "json_object", "grammar", "choice", "none")  # backend.labelling.llm's
+#: Default field names: those of backend.annotators.preferences.ComparisonKeys (a test checks).
 FIELD_DEFAULTS = {"item": "item_id", "worker": "worker_id", "choice": "choice", "prompt": "prompt",
                   "response_left": "response_left", "response_right": "response_right",
                   "model_left": "model_left", "model_right": "model_right"}
@@ -98,7 +98,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 # -- shared --------------------------------------------------------------------------------------------------
 def _keys(args: argparse.Namespace):
-    from backend.preferences import ComparisonKeys
+    from backend.annotators.preferences import ComparisonKeys
 
     return ComparisonKeys(item=args.item_field, worker=args.worker_field, choice=args.choice_field,
                           prompt=args.prompt_field, response_left=args.response_left_field,
@@ -107,7 +107,7 @@ def _keys(args: argparse.Namespace):
 
 
 def _read(path: str) -> pd.DataFrame:
-    from backend.preferences import TableError, read_table
+    from backend.annotators.preferences import TableError, read_table
 
     frame, problems = read_table(path)
     for problem in problems:
@@ -125,7 +125,7 @@ def _quiet_engine_logs() -> None:
     """The commands print the engine's problems themselves (``warning: ...``); its log would repeat them."""
     import logging
 
-    for name in ("backend.attentiveness", "backend.crowd", "backend.preferences"):
+    for name in ("backend.annotators.attentiveness", "backend.annotators.crowd", "backend.annotators.preferences"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -133,7 +133,7 @@ def _read_judge(path: str) -> dict[str, float]:
     import numpy as np
     import pandas as pd
 
-    from backend.preferences import TableError
+    from backend.annotators.preferences import TableError
 
     frame = _read(path)
     column = next((c for c in ("p_left", "judge_p_left") if c in frame.columns), None)
@@ -162,7 +162,7 @@ def _report(summary: dict[str, Any], caught: list[warnings.WarningMessage]) -> N
 
 # -- hcc annotators ------------------------------------------------------------------------------------------
 def cmd_annotators(args: argparse.Namespace) -> int:
-    from backend.preferences import comparisons_frame, has_models
+    from backend.annotators.preferences import comparisons_frame, has_models
 
     _quiet_engine_logs()
     raw = _read(args.labels)
@@ -196,7 +196,7 @@ def _pairwise(frame: pd.DataFrame, judge: dict[str, float] | None,
     import numpy as np
     import pandas as pd
 
-    from backend.attentiveness import PairwiseAttentiveness
+    from backend.annotators.attentiveness import PairwiseAttentiveness
 
     est = PairwiseAttentiveness(**_pairwise_options(args)).fit(frame, judge=judge)
     posterior = est.posteriors_
@@ -225,8 +225,8 @@ def _categorical(raw: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFr
     import numpy as np
     import pandas as pd
 
-    from backend.crowd import CategoricalAttentiveness
-    from backend.preferences import TableError
+    from backend.annotators.crowd import CategoricalAttentiveness
+    from backend.annotators.preferences import TableError
 
     renames = {args.item_field: "item_id", args.worker_field: "worker_id", args.label_field: "label"}
     missing = [name for name in renames if name not in raw.columns]
@@ -286,7 +286,7 @@ def quality_report(workers: pd.DataFrame, path: str | Path, *, title: str = "ann
 
 # -- hcc export-preferences ----------------------------------------------------------------------------------
 def cmd_export_preferences(args: argparse.Namespace) -> int:
-    from backend.preferences import comparisons_frame, export_preferences, write_jsonl
+    from backend.annotators.preferences import comparisons_frame, export_preferences, write_jsonl
 
     _quiet_engine_logs()
     if args.project is not None:
@@ -348,9 +348,9 @@ def _project_records(args: argparse.Namespace) -> pd.DataFrame:
 def _run_judge(frame: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
 
+    from backend.annotators.judge import PairwiseJudge
+    from backend.annotators.preferences import judge_items
     from backend.config import cache_dir
-    from backend.judge import PairwiseJudge
-    from backend.preferences import judge_items
 
     judge = PairwiseJudge(base_url=args.llm_base_url, model=args.llm_model, timeout=args.llm_timeout,
                           concurrency=args.llm_concurrency, structured=args.structured,

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backend import annotate as job
-from backend import local_llm
-from backend.evaluate import accuracy_by_stage
-from backend.hcc import HCCConfig
+from backend.cli import annotate as job
+from backend.cli.evaluate import accuracy_by_stage
+from backend.labelling.pipeline import HCCConfig
+from backend.models import local_llm
 
-SAMPLES = Path(__file__).parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 def find_shared_data() -> Path | None:
@@ -22,7 +22,7 @@ def find_shared_data() -> Path | None:
     checkout; None means the bundled sample."""
     explicit = os.environ.get("HCC_DATA_DIR")
     candidates = [explicit] if explicit else [Path.cwd().parent / "shared" / "data",
-                                              Path(__file__).resolve().parents[2] / "shared" / "data"]
+                                              Path(__file__).resolve().parents[3] / "shared" / "data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "banking77" / "train.csv").is_file():
             return Path(candidate)

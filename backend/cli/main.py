@@ -10,12 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-from backend import __version__, cli_comparison
-from backend.anchors import CLASSIFIERS
+from backend import __version__
+from backend.cli import comparison as cli_comparison
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
-from backend.encoder import DEFAULT_ENCODER, PRECISIONS
-from backend.hcc import UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
-from backend.llm import STRUCTURED_MODES
+from backend.labelling.anchors import CLASSIFIERS
+from backend.labelling.encoder import DEFAULT_ENCODER, PRECISIONS
+from backend.labelling.llm import STRUCTURED_MODES
+from backend.labelling.pipeline import UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from backend.annotate import AnnotateOptions, annotate_files
+    from backend.cli.annotate import AnnotateOptions, annotate_files
 
     if not args.no_llm and not args.llm_base_url:
         print("error: give --llm-base-url (or set HCC_LLM_BASE_URL), or --no-llm for the encoder alone; "
@@ -183,9 +184,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from backend.annotate import read_jsonl
+    from backend.cli.annotate import read_jsonl
+    from backend.cli.evaluate import accuracy_by_stage
     from backend.data import read_table
-    from backend.evaluate import accuracy_by_stage
 
     preds = read_jsonl(args.pred)
     gold = read_table(args.gold, label_field=args.label_field, require_label=True).labels()
@@ -196,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if not args.offline:
-        from backend.studio.demo import run_studio_demo
+        from backend.cli.studio_demo import run_studio_demo
 
         summary = run_studio_demo(
             workdir=args.workdir or Path("runs/demo"), items=args.items, anchor_share=args.anchor_share,
@@ -204,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             port=args.port, backend_port=args.backend_port, exit_when_done=args.exit_when_done, timeout=args.timeout,
             label_studio_url=args.label_studio_url, api_key=args.api_key)
         return 0 if summary else 130
-    from backend.demo import run_demo
+    from backend.cli.demo import run_demo
 
     run_demo(workdir=args.workdir or Path("runs/demo-offline"), items=args.items, anchor_share=args.anchor_share,
              seed=args.seed,
@@ -214,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_llm(args: argparse.Namespace) -> int:
-    from backend import local_llm
+    from backend.models import local_llm
 
     if args.llm_command == "list":
         for name, spec in local_llm.REGISTRY.items():
@@ -229,7 +230,7 @@ def cmd_llm(args: argparse.Namespace) -> int:
 
 
 def cmd_encoder(args: argparse.Namespace) -> int:
-    from backend import encoder_models
+    from backend.models import encoder_models
 
     if args.encoder_command == "pull":
         print(encoder_models.pull(args.name))
@@ -245,7 +246,7 @@ def cmd_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from backend.cli_calibrate import run
+    from backend.cli.calibrate import run
 
     return run(args)
 
@@ -261,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from backend.data import DataError
-    from backend.encoder import EncoderError
-    from backend.encoder_models import EncoderModelError
-    from backend.llm import LLMError
+    from backend.labelling.encoder import EncoderError
+    from backend.labelling.llm import LLMError
+    from backend.models.encoder_models import EncoderModelError
 
     try:
         return COMMANDS[args.command](args)

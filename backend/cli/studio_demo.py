@@ -20,8 +20,8 @@ from typing import Any
 
 import requests
 
-from backend import local_llm
-from backend.demo import prepare, read_rows
+from backend.cli.demo import prepare, read_rows
+from backend.models import local_llm
 from backend.studio import launch
 
 PROJECT_TITLE = "Banking77 (HCC demo)"

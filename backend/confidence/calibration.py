@@ -1,11 +1,12 @@
 """Calibrated confidence: the probability that an item's label is right, learnt from reviewed items.
 
 Every item a human labels after a prediction existed is a training pair (the item's signals, whether the
-prediction matched the human). :class:`Calibrator` maps signals (``backend/signals.py``) to P(right):
+prediction matched the human). :class:`Calibrator` maps signals (``backend/confidence/signals.py``) to P(right):
 
 * ``prior``: a fixed mapping of the encoder's signals to log-odds, ``z0 = a + b * logit(encoder
   probability) + c * anchor similarity`` (coefficients fitted once on Banking77 *train* items, see
-  :data:`backend.prior.PRIOR`), with its level shifted towards the reviews: ``P = sigmoid(z0 + s)``, ``s`` the MAP
+  :data:`backend.confidence.prior.PRIOR`), with its level shifted towards the reviews:
+  ``P = sigmoid(z0 + s)``, ``s`` the MAP
   estimate under a N(0, 1) prior, so 0 reviews leave the prior unchanged and a few only move it a little;
 * ``platt``: Platt scaling of the prior's log-odds, ``P = sigmoid(a z0 + b)``, fitted on Platt's smoothed
   targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2) (Platt, "Probabilistic Outputs for Support Vector
@@ -39,9 +40,9 @@ from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 
-from backend.prior import PriorMapping
-from backend.probability import item_log_loss
-from backend.signals import Signals, logit, signal_features
+from backend.confidence.prior import PriorMapping
+from backend.confidence.probability import item_log_loss
+from backend.confidence.signals import Signals, logit, signal_features
 
 METHODS = ("prior", "platt", "isotonic", "logistic")
 
@@ -53,8 +54,8 @@ def prior_log_odds(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """The prior mapping's log-odds of each row.
 
     Records carry it as ``prior_probability`` (feature ``prior_logit``): the mapping of the run's anchors
-    (``backend/prior.py``). Records of an older run fall back to the packaged
-    :data:`backend.prior.PRIOR` on their encoder signals; without the encoder's probability the uncalibrated
+    (``backend/confidence/prior.py``). Records of an older run fall back to the packaged
+    :data:`backend.confidence.prior.PRIOR` on their encoder signals; without the encoder's probability the uncalibrated
     ``agreement_score`` is read as a probability; without that either, every item gets even odds.
     """
     values = np.asarray(values, dtype=np.float64)

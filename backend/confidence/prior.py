@@ -23,7 +23,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from backend.probability import item_log_loss, logit
+from backend.confidence.probability import item_log_loss, logit
 
 #: The packaged mapping: log-odds = intercept + sum(weight * feature). Fitted by logistic regression of the
 #: encoder's correctness on 2,000 Banking77 train items that are not anchors (seeded, 500 anchors, MiniLM,

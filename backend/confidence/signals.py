@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from backend.confidence.prior import PriorMapping
+from backend.confidence.probability import logit
+from backend.config import LLM_VIEWS
 from backend.data import MAX_TEXT_CHARS
-from backend.hcc import LLM_VIEWS
-from backend.prior import PriorMapping
-from backend.probability import logit
 
 SAMPLED_VIEWS = ("zero_shot", "hinted")
 
@@ -39,7 +39,7 @@ def self_consistency(
 ) -> tuple[list[float | None], list[list[str | None]]]:
     """Share of ``k`` sampled answers that equal the greedy answer, per text, and the sampled labels.
 
-    ``llm`` is an :class:`backend.llm.LLMAnnotator`; sample ``j`` is sent with seed ``seed + 1 + j``
+    ``llm`` is an :class:`backend.labelling.llm.LLMAnnotator`; sample ``j`` is sent with seed ``seed + 1 + j``
     (``seed`` defaults to the annotator's), so the samples differ from each other but are reproducible
     and cached. The share is ``None`` where it means nothing: the greedy answer was not a valid label, or
     every sample failed. A sample outside the label set counts as a disagreement.
@@ -145,7 +145,7 @@ def signal_features(records: Sequence[Mapping[str, Any]], *, names: Sequence[str
 
     Features, each about the record's final ``label``:
 
-    * ``prior_logit``: log-odds of ``prior_probability``, the run's prior mapping (``backend/prior.py``);
+    * ``prior_logit``: log-odds of ``prior_probability``, the run's prior mapping (``backend/confidence/prior.py``);
     * ``encoder_logit`` (log-odds of ``encoder_probability``, the softmax of the encoder's class scores),
       ``encoder_score``, ``encoder_margin``, ``anchor_similarity`` (cosine to the nearest human anchor
       of that label); ``encoder2_logit``, ``encoder2_anchor_similarity`` and ``backs_encoder2``: the same

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend import encoder_models
+from backend.models import encoder_models
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import openai
 
-from backend import prompts
-from backend.llm_cache import ResponseCache, request_key
+from backend.labelling import prompts
+from backend.labelling.llm_cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
 

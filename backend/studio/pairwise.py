@@ -1,11 +1,11 @@
 """Comparison mode in Label Studio: ``<Pairwise>`` projects (a prompt and two responses, pick the better one).
 
-- ``/predict`` and the pre-annotation job ask the weak-LLM judge (:class:`backend.judge.PairwiseJudge`, both
+- ``/predict`` and the pre-annotation job ask the weak-LLM judge (:class:`backend.annotators.judge.PairwiseJudge`, both
   orders) about every pair of a request in one batch; the prediction selects the side the judge prefers,
   its score is the judge's confidence ``C = 2 |p_left - 1/2|``.
 - ``ANNOTATION_CREATED/UPDATED`` store the annotation as a comparison at once, ``ANNOTATIONS_DELETED`` and
   ``TASKS_DELETED`` drop comparisons; each change queues a re-estimation job: the attentiveness EM
-  (:class:`backend.attentiveness.PairwiseAttentiveness`) over every stored comparison, which writes
+  (:class:`backend.annotators.attentiveness.PairwiseAttentiveness`) over every stored comparison, which writes
   ``annotators.csv`` / ``annotators.json`` into the project's directory, the ``annotators_summary`` shown
   by ``/status``, and the ``hcc_low_quality_annotators`` task meta.
 - ``TASKS_CREATED`` queues pre-annotation of the unlabelled tasks; ``START_TRAINING`` re-reads every
@@ -320,7 +320,7 @@ def estimate_annotators(records: list[Mapping[str, Any]], *, reference: str | No
     ``mu``, ``reference``, ``identifiability``, ``warnings`` (identifiability) and ``problems`` (dropped rows).
     Raises ``ValueError`` when no record is usable or the reference model is shown in no item.
     """
-    from backend.preferences import fit_comparisons
+    from backend.annotators.preferences import fit_comparisons
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in est.warnings_, reported below
@@ -393,7 +393,7 @@ class PairwiseProjectModel:
         self.store.set("kind", self.kind)
         self.judge = None
         if settings.llm_base_url:
-            from backend.judge import PairwiseJudge
+            from backend.annotators.judge import PairwiseJudge
 
             self.judge = PairwiseJudge(
                 base_url=settings.llm_base_url, model=settings.llm_model, api_key=settings.llm_api_key or None,

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from backend.calibration import Calibrator, fit_calibrator, threshold_for_precision
+from backend.confidence.calibration import Calibrator, fit_calibrator, threshold_for_precision
 from backend.data import MAX_TEXT_CHARS
-from backend.hcc import HCCPipeline, stored_answers
-from backend.llm import LLMAnnotator
+from backend.labelling.llm import LLMAnnotator
+from backend.labelling.pipeline import HCCPipeline, stored_answers
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from backend.encoder import Encoder, EncoderError, resolve_model_path
+from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
 from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import JobQueue, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backend import __version__
-from backend.anchors import CLASSIFIERS
-from backend.encoder import DEFAULT_ENCODER, resolve_precision
-from backend.hcc import HCCConfig
+from backend.labelling.anchors import CLASSIFIERS
+from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
+from backend.labelling.pipeline import HCCConfig
 
 
 def _flag(name: str, default: bool) -> bool:

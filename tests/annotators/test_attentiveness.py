@@ -1,4 +1,4 @@
-"""The pairwise attentiveness EM (backend.attentiveness) on data drawn from its own model."""
+"""The pairwise attentiveness EM (backend.annotators.attentiveness) on data drawn from its own model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import integrate, optimize, stats
 
-from backend.attentiveness import IdentifiabilityWarning, PairwiseAttentiveness
-from backend.simulation import simulate_comparisons
+from backend.annotators.attentiveness import IdentifiabilityWarning, PairwiseAttentiveness
+from backend.annotators.simulation import simulate_comparisons
 
 
 def fit_quietly(labels: pd.DataFrame, **options) -> PairwiseAttentiveness:

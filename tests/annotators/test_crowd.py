@@ -1,4 +1,4 @@
-"""Categorical crowd models (backend.crowd): majority vote, one-coin attentiveness, Dawid-Skene, shrinkage."""
+"""Categorical crowd models (backend.annotators.crowd): majority vote, one-coin, Dawid-Skene, shrinkage."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from backend.attentiveness import IdentifiabilityWarning
-from backend.crowd import CategoricalAttentiveness, MajorityVote, _lift, _one_coin_matrix, break_ties
-from backend.simulation import simulate_crowd
+from backend.annotators.attentiveness import IdentifiabilityWarning
+from backend.annotators.crowd import CategoricalAttentiveness, MajorityVote, _lift, _one_coin_matrix, break_ties
+from backend.annotators.simulation import simulate_crowd
 
-SNOW_RTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "crowd_workers" / "snow2008_rte_labels.csv"
+SNOW_RTE = Path(__file__).resolve().parents[3] / "shared" / "data" / "crowd_workers" / "snow2008_rte_labels.csv"
 
 
 def accuracy(labels: pd.Series, truth: pd.Series) -> float:

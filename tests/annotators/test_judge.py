@@ -1,4 +1,4 @@
-"""The pairwise LLM judge (backend.judge): a fault server for scripted answers and failures, and the real
+"""The pairwise LLM judge (backend.annotators.judge): a fault server for scripted answers and failures, and the real
 llama.cpp server (SmolLM2) for the protocol with token logprobs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from backend.judge import PairwiseJudge, option_probabilities
+from backend.annotators.judge import PairwiseJudge, option_probabilities
 from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers the `fault_server` fixture
     Action,
     FaultServer,

@@ -1,4 +1,4 @@
-"""Reading comparison files and records, and the weighted preference export (backend.preferences)."""
+"""Reading comparison files and records, and the weighted preference export (backend.annotators.preferences)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backend.attentiveness import IdentifiabilityWarning, PairwiseAttentiveness
-from backend.judge import JudgeVerdict
-from backend.preferences import (
+from backend.annotators.attentiveness import IdentifiabilityWarning, PairwiseAttentiveness
+from backend.annotators.judge import JudgeVerdict
+from backend.annotators.preferences import (
     EXPORT_FIELDS,
     ComparisonKeys,
     TableError,
@@ -22,7 +22,7 @@ from backend.preferences import (
     read_table,
     write_jsonl,
 )
-from backend.simulation import simulate_comparisons
+from backend.annotators.simulation import simulate_comparisons
 
 
 def comparison_records(n_users: int = 30, n_per_user: int = 20, **options) -> tuple[pd.DataFrame, pd.Series]:

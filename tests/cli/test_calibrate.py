@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from backend.calibration import Calibrator
-from backend.cli import main
+from backend.cli.main import main
+from backend.confidence.calibration import Calibrator
 from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers the `fault_server` fixture
     Action,
     FaultServer,
@@ -23,7 +23,7 @@ from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers 
     label,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "backend" / "samples"
 N_LABELS = 6
 
@@ -165,7 +165,7 @@ def test_the_installed_command_line(workdir: Path) -> None:
     preds = read_jsonl(workdir / "pred.jsonl")
     human = human_file(workdir / "cmd.csv", preds, right=5, wrong=1)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "backend.cli", "calibrate", "--pred", "pred.jsonl", "--human",
+    proc = subprocess.run([sys.executable, "-m", "backend.cli.main", "calibrate", "--pred", "pred.jsonl", "--human",
                            human.name, "--out", "cmd.jsonl"], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""`hcc annotators` and `hcc export-preferences`, run in-process through backend.cli.main on small files."""
+"""`hcc annotators` and `hcc export-preferences`, run in-process through backend.cli.main.main on small files."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from backend import cli_comparison, crowd, llm, preferences
-from backend.cli import main
-from backend.simulation import simulate_comparisons, simulate_crowd
+from backend.annotators import crowd, preferences
+from backend.annotators.simulation import simulate_comparisons, simulate_crowd
+from backend.cli import comparison as cli_comparison
+from backend.cli.main import main
+from backend.labelling import llm
 from tests.fault_server import Action, FaultServer, fault_server_fixture, label  # noqa: F401 - registers the fixture
 
 

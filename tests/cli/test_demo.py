@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import demo
+from backend.cli import demo
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.evaluate import accuracy_by_stage
+from backend.cli.evaluate import accuracy_by_stage
 
 
 def test_accuracy_overall_per_stage_and_per_field() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.calibration import expected_calibration_error
+from backend.confidence.calibration import expected_calibration_error
 from tests.fault_server import FaultServer, fault_server_fixture, label  # noqa: F401 - registers the fixture
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ANCHORS = """text,label
 my card has not arrived yet,card_arrival
@@ -40,7 +40,7 @@ a,I can't remember the PIN for my card,forgot_pin
 def run_hcc(*args: str, cwd: Path, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HCC_CACHE_DIR=str(cwd / "cache"), PYTHONPATH=str(ROOT))
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "backend.cli.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -15,7 +15,7 @@ import pytest
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from backend.calibration import (
+from backend.confidence.calibration import (
     Calibrator,
     brier_score,
     effort_curve,

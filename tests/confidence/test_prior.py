@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from backend.prior import PRIOR, PriorMapping, fit_prior, prior_features
+from backend.confidence.prior import PRIOR, PriorMapping, fit_prior, prior_features
 
 
 def packaged_signals(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:

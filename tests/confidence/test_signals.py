@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.calibration import Calibrator
-from backend.encoder import DEFAULT_ENCODER, Encoder
-from backend.hcc import HCCPipeline, encoder_probabilities
-from backend.llm import LLMAnnotator
-from backend.signals import add_self_consistency, feature_names, logit, self_consistency, signal_features
+from backend.confidence.calibration import Calibrator
+from backend.confidence.signals import add_self_consistency, feature_names, logit, self_consistency, signal_features
+from backend.labelling.encoder import DEFAULT_ENCODER, Encoder
+from backend.labelling.llm import LLMAnnotator
+from backend.labelling.pipeline import HCCPipeline, encoder_probabilities
 from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers the `fault_server` fixture
     Action,
     FaultServer,
@@ -24,7 +24,7 @@ from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers 
     label,
 )
 
-SAMPLES = Path(__file__).resolve().parents[1] / "backend" / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "backend" / "samples"
 LABELS = ["card_arrival", "card_linking", "exchange_rate"]
 
 
@@ -138,7 +138,7 @@ def test_fixed_names_impute_what_older_records_lack() -> None:
 
 
 def test_prior_logit_is_the_records_prior_else_the_packaged_mapping_of_its_signals() -> None:
-    from backend.prior import PriorMapping, prior_features
+    from backend.confidence.prior import PriorMapping, prior_features
 
     new = hcc_record(prior_probability=0.3)
     names = feature_names([new])

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from backend import anchors as anchors_mod
-from backend.anchors import AnchorIndex, class_scores, knn_vote
+from backend.labelling import anchors as anchors_mod
+from backend.labelling.anchors import AnchorIndex, class_scores, knn_vote
 
 
 def unit(degrees: float) -> np.ndarray:

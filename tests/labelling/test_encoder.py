@@ -8,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 
-from backend.encoder import Encoder, EncoderError, cpu_has_native_bf16, resolve_precision
+from backend.labelling.encoder import Encoder, EncoderError, cpu_has_native_bf16, resolve_precision
 
 DIM = 384
 SENTENCES = [

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from backend import llm as llm_module
-from backend import prompts
-from backend.llm import LabelMatcher, LLMAnnotator, LLMError, canonical, label_probability
+from backend.labelling import llm as llm_module
+from backend.labelling import prompts
+from backend.labelling.llm import LabelMatcher, LLMAnnotator, LLMError, canonical, label_probability
 from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers the `fault_server` fixture
     Action,
     FaultServer,

@@ -6,7 +6,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from backend.llm_cache import ResponseCache, request_key
+from backend.labelling.llm_cache import ResponseCache, request_key
 
 RESPONSE = {"content": '{"label": "card_arrival"}', "logprobs": [["card", -0.5], ["_arrival", -0.25]]}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.llm import LLMAnnotator, LLMAnswer
+from backend.labelling.llm import LLMAnnotator, LLMAnswer
 
 pytestmark = pytest.mark.llm
 

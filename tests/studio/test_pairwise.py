@@ -19,8 +19,8 @@ import pytest
 import requests
 from conftest import BackendProcess, backend_status, project_tasks, settled_status, wait_until
 
-from backend.cli import main
-from backend.preferences import EXPORT_FIELDS
+from backend.annotators.preferences import EXPORT_FIELDS
+from backend.cli.main import main
 from backend.studio.client import StudioClient, TaskRecord
 from backend.studio.jobs import JobQueue
 from backend.studio.labelconfig import PairwiseTarget

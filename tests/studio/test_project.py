@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.calibration import fit_calibrator
+from backend.confidence.calibration import fit_calibrator
 from backend.data import MAX_TEXT_CHARS
-from backend.llm import LLMAnswer, LLMStats
+from backend.labelling.llm import LLMAnswer, LLMStats
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.project import (
     NOT_FLAGGED,
@@ -346,7 +346,7 @@ def test_a_second_encoder_reaches_the_records_and_the_model_version(monkeypatch,
 
 
 def test_the_service_builds_the_second_encoder_only_when_set(tmp_path: Path) -> None:
-    from backend.encoder import DEFAULT_ENCODER
+    from backend.labelling.encoder import DEFAULT_ENCODER
     from backend.studio.service import HCCService
 
     assert HCCService(Settings(model_dir=tmp_path)).second_encoder is None
