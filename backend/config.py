@@ -8,7 +8,7 @@ from pathlib import Path
 DEFAULT_LLM_MODEL = "qwen2.5-coder-1.5b"
 #: The LLM views the pipeline can ask; a record carries each one's answer as ``llm_<view>``. Shared here
 #: because the pipeline writes those fields and the confidence signals read them.
-LLM_VIEWS = ("zero_shot", "hinted", "few_shot")
+LLM_VIEWS = ("zero_shot", "hinted", "few_shot", "choice")
 
 
 def cache_dir() -> Path:

@@ -40,6 +40,8 @@ class Action:
     status: int = 200
     content: str | None = None  # the assistant message (status 200 only)
     tokens: tuple[tuple[str, float], ...] | None = None  # (token, logprob) spelling ``content``
+    # per token, the (token, logprob) alternatives a server lists as ``top_logprobs`` (cut to the request's n)
+    alternatives: tuple[tuple[tuple[str, float], ...], ...] | None = None
     body: str | None = None  # raw response body; overrides everything else (malformed answers)
     message: str = ""  # error message for non-200 statuses
     headers: tuple[tuple[str, str], ...] = ()
@@ -68,6 +70,15 @@ def answer(
         delay=delay,
         prompt_tokens=prompt_tokens,
     )
+
+
+def ranked(content: str, tokens: list[tuple[str, float]],
+           alternatives: list[list[tuple[str, float]]]) -> Action:
+    """A completion whose tokens come with their listed alternatives (``top_logprobs``), one list per token."""
+    if len(alternatives) != len(tokens):
+        raise ValueError("one list of alternatives per token")
+    base = answer(content, tokens)
+    return replace(base, alternatives=tuple(tuple(a) for a in alternatives))
 
 
 def label(name: str, *, delay: float = 0.0) -> Action:
@@ -146,10 +157,14 @@ def completion_body(action: Action, request: dict[str, Any]) -> dict[str, Any]:
         "logprobs": None,
     }
     if request.get("logprobs"):
+        listed = int(request.get("top_logprobs") or 0)
+        alternatives = action.alternatives or tuple(() for _ in tokens)
         choice["logprobs"] = {
             "content": [
-                {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")), "top_logprobs": []}
-                for tok, lp in tokens
+                {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")),
+                 "top_logprobs": [{"token": a, "logprob": a_lp, "bytes": list(a.encode("utf-8"))}
+                                  for a, a_lp in alts[:listed]]}
+                for (tok, lp), alts in zip(tokens, alternatives, strict=True)
             ]
         }
     return {
@@ -172,6 +187,7 @@ class FaultServer:
 
     default: Responder = field(default_factory=lambda: label("unset"))
     models_action: Action | None = None  # what ``GET /v1/models`` does; None lists one model
+    owned_by: str = "tests"  # of the listed model ("me" is what llama-cpp-python's server says)
     requests: list[dict[str, Any]] = field(default_factory=list)  # chat request bodies, in arrival order
     paths: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every request
     max_in_flight: int = 0  # most chat requests held at the same time
@@ -276,7 +292,7 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(action.status, _error_body(action.status, action.message))
                 return
             models = {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0,
-                                                  "owned_by": "tests"}]}
+                                                  "owned_by": server.owned_by}]}
             self._send_json(200, models)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server naming

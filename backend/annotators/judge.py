@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 OPTIONS = ("1", "2")
 MAX_CHARS = 4000  # per text shown to the LLM; longer prompts and responses are cut
 TOP_LOGPROBS = 5  # alternatives asked for at each token: enough to see both options at the answer token
-_BARE_MODES = ("grammar", "choice")  # structured modes whose reply is the option alone, not JSON
 
 SYSTEM = (
     "You compare two responses to the same prompt and decide which one is better: more helpful, more "
@@ -111,9 +110,11 @@ class _JudgeClient(LLMAnnotator):
     the top alternatives of each token kept in the response."""
 
     def __init__(self, **options: Any) -> None:
+        options.setdefault("logprobs", True)  # the judge's confidence is read from the two options' logprobs
         super().__init__(list(OPTIONS), **options)
-        label_only = self.structured in _BARE_MODES
-        self.system = f"{SYSTEM}\n{BARE_FORMAT if label_only else JSON_FORMAT}"
+
+    def _system_prompt(self, *, json_answer: bool) -> str:
+        return f"{SYSTEM}\n{JSON_FORMAT if json_answer else BARE_FORMAT}"
 
     def ask(self, user_messages: Sequence[str], *, progress=None) -> list[JudgeAnswer]:
         return self._run(list(user_messages), [None] * len(user_messages), progress)
@@ -133,7 +134,7 @@ class _JudgeClient(LLMAnnotator):
             parsed["top"] = []
         return parsed
 
-    def _interpret(self, response: dict[str, Any], *, cached: bool) -> JudgeAnswer:
+    def _interpret(self, response: dict[str, Any], *, cached: bool, choice: Any = None) -> JudgeAnswer:
         answer = super()._interpret(response, cached=cached)
         tokens = [tuple(t) for t in response.get("logprobs") or []]
         top = [[tuple(a) for a in alts] for alts in response.get("top") or []]

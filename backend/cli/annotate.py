@@ -34,7 +34,8 @@ class AnnotateOptions:
     llm_api_key: str | None = None
     llm_concurrency: int = 4
     llm_timeout: float = 60.0
-    logprobs: bool = True
+    logprobs: bool = False  # on the label views; the choice view decides by the server (LLMAnnotator)
+    choice_logprobs: bool | None = None
     structured: str = "auto"
     seed: int = 0
     self_consistency: int = 0  # k sampled zero-shot answers per item (0: off); see backend/confidence/signals.py
@@ -77,9 +78,11 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: di
             descriptions=descriptions or None, seed=opts.seed,
             cache_dir=cache / "llm" if cache else None, concurrency=opts.llm_concurrency,
             timeout=opts.llm_timeout, logprobs=opts.logprobs, structured=opts.structured,
+            choice_logprobs=opts.choice_logprobs,
         )
         llm.check()
-    return HCCPipeline(encoder, label_set, llm=llm, config=opts.hcc, second_encoder=second)
+    return HCCPipeline(encoder, label_set, llm=llm, config=opts.hcc, second_encoder=second,
+                       descriptions=descriptions or {})
 
 
 def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, opts: AnnotateOptions,

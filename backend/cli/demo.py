@@ -63,20 +63,27 @@ def prepare(workdir: Path, *, items: int, anchor_share: float, seed: int) -> tup
 
 def result_table(records: list[dict[str, Any]], gold: list[str], report: dict[str, Any]) -> str:
     """A plain-text table: accuracy of each annotator and of each HCC stage."""
-    fields = [f for f in ("encoder_label", "llm_zero_shot", "llm_hinted", "llm_few_shot") if f in records[0]]
-    scores = accuracy_by_stage(records, gold, fields=fields)
+    names = {"encoder_label": "encoder (anchors)", "llm_zero_shot": "LLM zero-shot", "llm_hinted": "LLM hinted",
+             "llm_few_shot": "LLM few-shot", "llm_choice": "LLM choice (items asked)"}
+    scores = accuracy_by_stage(records, gold)
     lines = [f"{'':28}{'items':>8}{'accuracy':>10}"]
-    names = {"encoder_label": "encoder (anchors)", "llm_zero_shot": "LLM zero-shot",
-             "llm_hinted": "LLM hinted", "llm_few_shot": "LLM few-shot"}
-    for f in fields:
-        lines.append(f"{names[f]:28}{scores['n']:>8}{_pct(scores[f]):>10}")
+    for field, name in names.items():
+        # a view that was asked about some items only (the choice view) is scored on those
+        rows = [(r, g) for r, g in zip(records, gold, strict=True) if field in r and g is not None]
+        if rows:
+            view = accuracy_by_stage([r for r, _ in rows], [g for _, g in rows], fields=[field])
+            lines.append(f"{name:28}{view['n']:>8}{_pct(view[field]):>10}")
     for stage, row in scores["stages"].items():
         lines.append(f"{'stage ' + stage:28}{row['n']:>8}{_pct(row['accuracy']):>10}")
     lines.append(f"{'HCC final':28}{scores['n']:>8}{_pct(scores['accuracy']):>10}")
-    if "cai_before" in report:
+    if "cai_after" in report:
         # CAI = consistent / (inconsistent + eps): with nothing left unresolved it is 1/eps, not a useful number.
         after = f"{report['cai_after']:.3f}" if report.get("stages", {}).get("unresolved") else "- (all resolved)"
         lines.append(f"CAI before {report['cai_before']:.3f}, after {after}")
+    elif "cai_before" in report:
+        lines.append(f"CAI {report['cai_before']:.3f} (views agree / disagree, on the items the LLM was asked)")
+    if "combination" in report:
+        lines.append(f"views: {report['combination'].get('message', 'encoder alone (no LLM)')}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from backend.config import DEFAULT_LLM_MODEL, cache_dir
 from backend.labelling.anchors import CLASSIFIERS
 from backend.labelling.encoder import DEFAULT_ENCODER, PRECISIONS
 from backend.labelling.llm import STRUCTURED_MODES
-from backend.labelling.pipeline import UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
+from backend.labelling.pipeline import COMBINERS, UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
@@ -41,8 +41,21 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weighted-vote", action="store_true", help="weigh votes by cosine similarity")
     g.add_argument("--unresolved", default=HCCConfig.unresolved, choices=UNRESOLVED_POLICIES,
                    help="label of items no round resolves")
+    g.add_argument("--combine", default=HCCConfig.combine, choices=COMBINERS,
+                   help="pool: weigh each view by what the anchors prove (default); dcca: the paper's consistency "
+                        "split and DCCA re-vote (its recipe: --combine dcca --views zero_shot,hinted --classifier "
+                        "topk_mean --vote-method knn --unresolved vote)")
     g.add_argument("--views", default=",".join(HCCConfig.llm_views),
-                   help="LLM views compared with the encoder: zero_shot,hinted,few_shot")
+                   help="LLM views: choice (among the encoder's top candidates; pool only), zero_shot, hinted, "
+                        "few_shot (dcca only)")
+    g.add_argument("--choice-candidates", type=int, default=HCCConfig.choice_candidates,
+                   help="candidates of the choice view: the encoder's top N classes")
+    g.add_argument("--llm-gate", type=float, default=HCCConfig.llm_gate,
+                   help="pool: ask the LLM only about items where the encoder's P(top label) is below this")
+    g.add_argument("--anchor-llm-cap", type=int, default=HCCConfig.anchor_llm_cap,
+                   help="pool: anchors asked to weigh the views, at most")
+    g.add_argument("--no-label-names", action="store_true",
+                   help="do not score labels without anchors by their embedded names")
     g.add_argument("--few-shot-examples", type=int, default=HCCConfig.few_shot_examples)
     g.add_argument("--candidates", type=int, default=HCCConfig.candidates,
                    help="restrict the few-shot view to the encoder's top N classes (0: all labels)")
@@ -58,7 +71,9 @@ def _hcc_config(args: argparse.Namespace) -> HCCConfig:
     return HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, vote_method=args.vote_method,
                      rounds=args.rounds, weighted_vote=args.weighted_vote, unresolved=args.unresolved, llm_views=views,
                      few_shot_examples=args.few_shot_examples, candidates=args.candidates,
-                     adapt_prior=not args.packaged_prior)
+                     adapt_prior=not args.packaged_prior, combine=args.combine,
+                     choice_candidates=args.choice_candidates, llm_gate=args.llm_gate,
+                     anchor_llm_cap=args.anchor_llm_cap, label_prototypes=not args.no_label_names)
 
 
 def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> None:
@@ -68,13 +83,17 @@ def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> 
     g.add_argument("--llm-model", default=os.environ.get("HCC_LLM_MODEL", "local"))
     g.add_argument("--llm-concurrency", type=int, default=4)
     g.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
-    g.add_argument("--no-logprobs", action="store_true", help="do not ask for token logprobs (faster)")
+    g.add_argument("--logprobs", action="store_true",
+                   help="ask the label views (zero_shot, hinted, few_shot) for token logprobs: a confidence signal, "
+                        "at about half the speed on llama.cpp; the choice view asks where they are cheap")
+    g.add_argument("--no-logprobs", action="store_true", help="never ask for token logprobs")
     g.add_argument("--self-consistency", type=int, default=0, metavar="K",
                    help="also sample K zero-shot answers at temperature 0.7 per item (a confidence signal for "
                         "`hcc calibrate`; K more calls per item, cached)")
     g.add_argument("--structured", default="auto", choices=STRUCTURED_MODES,
-                   help="how to hold answers to the label set: json_schema (OpenAI, vLLM), json_object "
-                        "(llama-cpp-python), grammar (llama.cpp GBNF, fastest), choice (vLLM), none")
+                   help="how to hold answers to the label set: auto (grammar on llama.cpp servers, else "
+                        "json_object), json_schema (OpenAI, vLLM), json_object, grammar (llama.cpp GBNF, fastest), "
+                        "choice (vLLM), none")
 
 
 def _add_calibrate_parser(sub) -> None:
@@ -167,15 +186,20 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         print("error: give --llm-base-url (or set HCC_LLM_BASE_URL), or --no-llm for the encoder alone; "
               "`hcc llm serve` starts the embedded LLM", file=sys.stderr)
         return EXIT_BAD_INPUT
+    hcc = _hcc_config(args)
+    if args.self_consistency and "zero_shot" not in hcc.llm_views:
+        print("error: --self-consistency samples the zero_shot view; add --views zero_shot (with --combine dcca: "
+              "--views zero_shot,hinted)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     opts = AnnotateOptions(
         labels_file=args.labels, text_field=args.text_field, label_field=args.label_field,
         encoder=args.encoder, encoder_precision=args.encoder_precision, second_encoder=args.second_encoder,
         llm_base_url=None if args.no_llm else args.llm_base_url,
         llm_model=args.llm_model, llm_api_key=os.environ.get("OPENAI_API_KEY"),
-        llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout, logprobs=not args.no_logprobs,
+        llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout,
+        logprobs=args.logprobs and not args.no_logprobs, choice_logprobs=False if args.no_logprobs else None,
         structured=args.structured, seed=args.seed, cache_dir=args.cache_dir or cache_dir(),
-        progress=not args.quiet,
-        hcc=_hcc_config(args),
+        progress=not args.quiet, hcc=hcc,
     )
     opts.self_consistency = args.self_consistency
     report = annotate_files(args.unlabeled, args.anchors, args.out, opts, report_path=args.report)

@@ -152,7 +152,7 @@ def _start_backend(procs: Processes, workdir: Path, api_key: str, ls_url: str, l
         port = local_llm.free_port()
     env = {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": api_key, "MODEL_DIR": str(workdir / "model_dir"),
            "HCC_LLM_BASE_URL": llm_url or "", "HCC_LLM_MODEL": llm_model or "local", "HCC_LLM_STRUCTURED": structured,
-           "HCC_LLM_LOGPROBS": "0" if structured == "grammar" else "1", "LOG_LEVEL": "INFO"}
+           "LOG_LEVEL": "INFO"}
     log = workdir / "backend.log"
     _say(f"starting the backend on port {port} (log: {log})")
     service = launch.start_backend(env, log=log, port=port, new_session=True)

@@ -86,6 +86,20 @@ def class_scores(
     return ClassScores(scores=scores, labels=labels.astype(np.int64), margins=_margins(scores))
 
 
+def with_prototypes(scored: ClassScores, queries: np.ndarray, prototypes: np.ndarray) -> ClassScores:
+    """Fill the classes that have no anchor (``-inf`` in every row) with the cosine to a prototype vector of
+    the class (e.g. its embedded name); labels and margins are recomputed. Classes with anchors are left as
+    they are."""
+    scores = scored.scores.copy()
+    missing = ~np.isfinite(scores).any(axis=0) if len(scores) else np.zeros(scores.shape[1], bool)
+    if not missing.any():
+        return scored
+    queries = _ensure_2d(queries)
+    scores[:, missing] = queries @ _ensure_2d(prototypes)[missing].T
+    labels = scores.argmax(axis=1).astype(np.int64)
+    return ClassScores(scores=scores, labels=labels, margins=_margins(scores))
+
+
 def _topk_mean_scores(queries, anchors, anchor_labels, present, k) -> np.ndarray:
     order = np.argsort(anchor_labels, kind="stable")
     sorted_labels = anchor_labels[order]

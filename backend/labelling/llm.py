@@ -1,9 +1,12 @@
 """LLM annotator over any OpenAI-compatible chat API (OpenAI, vLLM, Ollama, llama.cpp).
 
-Three views of an item: ``zero_shot`` (label list only), ``hinted`` (the encoder's label offered as a
-suggestion, as in HCC) and ``few_shot`` (retrieved labelled examples and optional candidate labels,
-without saying which one the encoder prefers). Answers are constrained to the label set where the server
-allows it; an answer outside the set is recorded as invalid, never mapped to a near label.
+Four views of an item: ``zero_shot`` (label list only), ``hinted`` (the encoder's label offered as a
+suggestion, as in HCC), ``few_shot`` (retrieved labelled examples and optional candidate labels, without
+saying which one the encoder prefers) and ``choice`` (a choice among a few candidate labels, answered as
+one letter and scored by the probability of every letter: an easier question than picking one of 150
+labels, and a distribution over the candidates rather than one label). Answers are constrained to the label
+set where the server allows it; an answer outside the set is recorded as invalid, never mapped to a near
+label.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ log = logging.getLogger(__name__)
 #: ``choice``: vLLM's ``guided_choice``; ``none``: free text, matched strictly. ``auto`` = json_object,
 #: falling back to ``none`` when the server rejects it.
 STRUCTURED_MODES = ("auto", "json_schema", "json_object", "grammar", "choice", "none")
+#: ``owned_by`` of the models a llama.cpp server lists (llama.cpp's own server, llama-cpp-python's): ``auto``
+#: uses a grammar there, its fastest exact constraint.
+_LLAMA_CPP_OWNERS = ("llamacpp", "me")
+_MAX_CHOICES = 20  # candidates the choice view shows at most
+_TOP_LOGPROBS = 20  # alternatives per token the choice view asks for (OpenAI's maximum)
 _LABEL_ONLY_MODES = ("grammar", "choice")
 _RETRYABLE = (
     openai.APIConnectionError,  # includes timeouts
@@ -64,6 +72,7 @@ class LLMAnswer:
     probability: float | None = None  # P(label) from token logprobs when the server returns them
     error: str | None = None  # request failed after retries
     cached: bool = False
+    distribution: dict[str, float] | None = None  # choice view: probability of every candidate label
 
 
 @dataclass
@@ -189,9 +198,10 @@ class LLMAnnotator:
         backoff: float = 0.5,
         temperature: float = 0.0,
         max_tokens: int = 64,
-        logprobs: bool = True,
+        logprobs: bool = False,
         structured: str = "auto",
         seed: int = 0,
+        choice_logprobs: bool | None = None,
     ) -> None:
         if not labels:
             raise ValueError("the label set is empty")
@@ -201,14 +211,19 @@ class LLMAnnotator:
         self.matcher = LabelMatcher(self.labels)
         self.model = model
         self.base_url = base_url
-        self.system = prompts.system_prompt(self.labels, descriptions,
-                                            json_answer=structured not in _LABEL_ONLY_MODES)
+        self.descriptions = dict(descriptions or {})
         self.concurrency = max(1, concurrency)
         self.max_retries = max_retries
         self.backoff = backoff
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.logprobs = logprobs
+        self.logprobs = logprobs  # on the label views; the choice view always asks (it scores the letters)
+        self.logprobs_rejected = False  # the server refused logprobs once: never ask again
+        # The choice view's logprobs: None = ask except on llama.cpp servers, where any logprobs make the server
+        # compute logits for every prompt token (measured: 0.88 vs 1.67 calls/s) while a plain choice weighs
+        # as well in the pool (docs/benchmarks.md).
+        self.choice_logprobs = choice_logprobs
+        self._llama_cpp: bool | None = None
         self.structured = structured
         self._auto_structured = structured == "auto"
         self.seed = seed
@@ -254,6 +269,22 @@ class LLMAnnotator:
         ]
         return self._run(messages, list(cands), progress)
 
+    def choose(self, texts: Sequence[str], candidates: Sequence[Sequence[str]], *, progress=None) -> list[LLMAnswer]:
+        """Each text's choice among its candidate labels (at most 20), answered with the label's name. With
+        token logprobs (asked for unless the server refuses them) every candidate gets a probability
+        (``distribution``, see :func:`candidate_distribution`); without them the chosen one alone is known."""
+        cands = [list(c)[:_MAX_CHOICES] for c in candidates]
+        messages = [prompts.choice_message(t, c, self.descriptions) for t, c in zip(texts, cands, strict=True)]
+        return self._run(messages, cands, progress, choices=cands)
+
+    @property
+    def system(self) -> str:
+        """The system prompt of the label views in the structured mode in use."""
+        return self._system_prompt(json_answer=self._mode() not in _LABEL_ONLY_MODES)
+
+    def _system_prompt(self, *, json_answer: bool) -> str:
+        return prompts.system_prompt(self.labels, self.descriptions, json_answer=json_answer)
+
     def check(self) -> None:
         """Fail fast with a clear message when the server cannot be reached or refuses us."""
         try:
@@ -266,11 +297,36 @@ class LLMAnnotator:
             raise LLMError(f"cannot reach the LLM server at {self.base_url}: {exc}") from exc
 
     # -- machinery ---------------------------------------------------------------------------------
+    def _mode(self) -> str:
+        """The structured mode in use; ``auto`` is settled once, on first use, from the server's model list:
+        a grammar on llama.cpp servers, else JSON with a schema (dropped if the server rejects it)."""
+        if self.structured != "auto":
+            return self.structured
+        with self._mode_lock:
+            if self.structured == "auto":
+                self.structured = "grammar" if self.serves_llama_cpp() else "json_object"
+                log.info("structured output: %s (auto)", self.structured)
+        return self.structured
+
+    def serves_llama_cpp(self) -> bool:
+        """Whether the server lists its models as a llama.cpp server does (asked once)."""
+        if self._llama_cpp is None:
+            try:
+                models = self._client.with_options(timeout=10).models.list()
+                self._llama_cpp = any(getattr(m, "owned_by", None) in _LLAMA_CPP_OWNERS for m in models.data)
+            except Exception:  # noqa: BLE001 - no model list is no evidence of llama.cpp; the requests will tell
+                self._llama_cpp = False
+        return self._llama_cpp
+
+    def _choice_logprobs(self) -> bool:
+        return self.choice_logprobs if self.choice_logprobs is not None else not self.serves_llama_cpp()
+
     def _run(
-        self, user_messages: list[str], enums: list[Sequence[str] | None], progress, params: dict | None = None
+        self, user_messages: list[str], enums: list[Sequence[str] | None], progress, params: dict | None = None,
+        choices: list[list[str]] | None = None,
     ) -> list[LLMAnswer]:
         def one(i: int) -> LLMAnswer:
-            answer = self._answer(user_messages[i], enums[i], params)
+            answer = self._answer(user_messages[i], enums[i], params, choices[i] if choices else None)
             if progress is not None:
                 progress()
             return answer
@@ -288,12 +344,16 @@ class LLMAnnotator:
         }
 
     def _request(
-        self, user_message: str, enum: Sequence[str] | None, mode: str, params: dict | None = None
+        self, user_message: str, enum: Sequence[str] | None, mode: str, params: dict | None = None,
+        choice: Sequence[str] | None = None,
     ) -> dict[str, Any]:
+        json_answer = mode not in _LABEL_ONLY_MODES
+        system = (prompts.choice_system_prompt(json_answer=json_answer) if choice is not None
+                  else self._system_prompt(json_answer=json_answer))
         request: dict[str, Any] = {
             "model": self.model,
             "messages": [
-                {"role": "system", "content": self.system},
+                {"role": "system", "content": system},
                 {"role": "user", "content": user_message},
             ],
             "temperature": self.temperature,
@@ -301,11 +361,13 @@ class LLMAnnotator:
             "seed": self.seed,
             **(params or {}),
         }
-        if self.logprobs:
+        wanted = self._choice_logprobs() if choice is not None else self.logprobs
+        if wanted and not self.logprobs_rejected:
             request["logprobs"] = True
             # llama-cpp-python only returns chat logprobs when top_logprobs is set (it passes top_logprobs
-            # on as the number to return); 1 is accepted everywhere, 0 reads as "off" to some servers.
-            request["top_logprobs"] = 1
+            # on as the number to return); 1 is accepted everywhere, 0 reads as "off" to some servers. The
+            # choice view reads the alternatives of its one letter.
+            request["top_logprobs"] = _TOP_LOGPROBS if choice is not None else 1
         if mode == "json_schema":
             request["response_format"] = {
                 "type": "json_schema",
@@ -319,14 +381,14 @@ class LLMAnnotator:
             request["extra_body"] = {"guided_choice": list(enum or self.labels)}
         return request
 
-    def _answer(self, user_message: str, enum: Sequence[str] | None, params: dict | None = None) -> LLMAnswer:
-        mode = self.structured if self.structured != "auto" else "json_object"
-        request = self._request(user_message, enum, mode, params)
+    def _answer(self, user_message: str, enum: Sequence[str] | None, params: dict | None = None,
+                choice: Sequence[str] | None = None) -> LLMAnswer:
+        request = self._request(user_message, enum, self._mode(), params, choice)
         key = request_key(request)
         hit = self.cache.get(key)
         if hit is not None:
             self.stats.add(cached=1)
-            return self._interpret(hit, cached=True)
+            return self._interpret(hit, cached=True, choice=choice)
         try:
             response = self._send(request)
         except LLMError:
@@ -336,7 +398,7 @@ class LLMAnnotator:
             log.warning("LLM request failed after %d retries: %s", self.max_retries, exc)
             return LLMAnswer(label=None, valid=False, error=f"{type(exc).__name__}: {exc}")
         self.cache.put(key, response)
-        return self._interpret(response, cached=False)
+        return self._interpret(response, cached=False, choice=choice)
 
     def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         attempt = 0
@@ -370,9 +432,11 @@ class LLMAnnotator:
         try:
             choice = completion.choices[0]
             content = choice.message.content or ""
-            tokens = []
+            tokens, alternatives = [], []
             if choice.logprobs is not None and choice.logprobs.content:
                 tokens = [(t.token, float(t.logprob)) for t in choice.logprobs.content]
+                alternatives = [[(a.token, float(a.logprob)) for a in (t.top_logprobs or [])]
+                                for t in choice.logprobs.content]
         except (AttributeError, LookupError, TypeError, ValueError) as exc:
             # e.g. {"choices": null} or a text body: retried like a broken connection
             raise MalformedResponseError(f"not a chat completion: {completion!r:.200}") from exc
@@ -381,7 +445,10 @@ class LLMAnnotator:
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
         )
-        return {"content": content, "logprobs": tokens}
+        response: dict[str, Any] = {"content": content, "logprobs": tokens}
+        if any(len(a) > 1 for a in alternatives):  # only the choice view asks for more than the chosen token
+            response["top_logprobs"] = alternatives
+        return response
 
     def _downgrade(self, request: dict[str, Any], exc: Exception) -> bool:
         """A server that rejects a feature gets asked again without it, once and for the whole run."""
@@ -390,6 +457,7 @@ class LLMAnnotator:
             if "logprobs" in request and "logprob" in message:
                 log.warning("the LLM server rejects logprobs; continuing without label probabilities")
                 self.logprobs = False
+                self.logprobs_rejected = True
                 del request["logprobs"]
                 request.pop("top_logprobs", None)  # not allowed without logprobs
                 return True
@@ -422,7 +490,10 @@ class LLMAnnotator:
         # Clamped both ways: a negative Retry-After would make time.sleep raise, a huge one would stall.
         return min(max(base, 0.0), _MAX_DELAY) * (1 + 0.25 * random.random())
 
-    def _interpret(self, response: dict[str, Any], *, cached: bool) -> LLMAnswer:
+    def _interpret(self, response: dict[str, Any], *, cached: bool, choice: Sequence[str] | None = None
+                   ) -> LLMAnswer:
+        if choice is not None:
+            return self._interpret_choice(response, list(choice), cached=cached)
         content = response.get("content", "")
         label, given = self.matcher.parse(content)
         probability = None
@@ -433,3 +504,63 @@ class LLMAnnotator:
             self.stats.add(invalid=1)
         return LLMAnswer(label=label, valid=label is not None, raw=content, probability=probability,
                          cached=cached)
+
+    def _interpret_choice(self, response: dict[str, Any], choice: list[str], *, cached: bool) -> LLMAnswer:
+        content = response.get("content", "")
+        label, given = LabelMatcher(choice).parse(content)
+        if label is None:
+            self.stats.add(invalid=1)
+            return LLMAnswer(label=None, valid=False, raw=content, cached=cached)
+        distribution = candidate_distribution(content, given, choice, response)
+        return LLMAnswer(label=label, valid=True, raw=content, cached=cached, distribution=distribution,
+                         probability=distribution.get(label) if distribution else None)
+
+
+def candidate_distribution(content: str, given: str, candidates: Sequence[str], response: dict[str, Any]
+                           ) -> dict[str, float] | None:
+    """Probability of every candidate label from the logprobs of the reply that spelled ``given``.
+
+    The chosen label's probability is the product of its tokens'. A candidate that leaves the chosen one's
+    spelling at token ``j`` gets the probability of the shared tokens before ``j`` times that of the
+    alternatives at ``j`` that continue its own spelling (shared equally by the candidates an alternative
+    continues). A candidate no listed alternative continues gets nothing here (the combination lifts it
+    to a floor). Normalised over the candidates; None without alternatives from the server.
+    """
+    tokens = [(str(t), float(lp)) for t, lp in response.get("logprobs") or []]
+    alternatives = response.get("top_logprobs") or []
+    if not tokens or len(alternatives) != len(tokens):
+        return None
+    key = content.find('"label"')
+    start = content.find(given, key + len('"label"') if key >= 0 else 0)
+    if start < 0:
+        return None
+    mass = dict.fromkeys(candidates, 0.0)
+    pos, prefix_logprob, spelled = 0, 0.0, ""
+    for (token, logprob), alts in zip(tokens, alternatives, strict=True):
+        t_start, pos = pos, pos + len(token)
+        if pos <= start:
+            continue  # tokens before the label (JSON punctuation)
+        head = content[start:t_start] if t_start > start else ""
+        spelled = head
+        rivals = [c for c in candidates if canonical(c) != canonical(given)]
+        for alt_token, alt_logprob in alts:
+            continuing = [c for c in rivals if _continues(c, spelled, alt_token)
+                          and not _continues(given, spelled, alt_token)]
+            for c in continuing:
+                mass[c] += math.exp(prefix_logprob + float(alt_logprob)) / len(continuing)
+        prefix_logprob += logprob
+        if pos >= start + len(given):
+            break
+    chosen = next((c for c in candidates if canonical(c) == canonical(given)), given)
+    mass[chosen] = mass.get(chosen, 0.0) + math.exp(prefix_logprob)
+    total = sum(mass.values())
+    return {c: p / total for c, p in mass.items()} if total > 0 else None
+
+
+def _continues(label: str, spelled: str, token: str) -> bool:
+    """Does ``token`` continue ``label`` after the text ``spelled`` so far (case and a leading space aside)?"""
+    rest = label[len(spelled):] if label.lower().startswith(spelled.lower()) else None
+    if rest is None or not token:
+        return False
+    piece = token if spelled else token.lstrip()
+    return bool(piece) and rest.lower().startswith(piece.lower())

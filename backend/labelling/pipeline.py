@@ -20,16 +20,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 
 from backend.confidence.prior import PriorMapping, fit_prior, prior_features
 from backend.config import LLM_VIEWS
-from backend.labelling.anchors import CLASSIFIERS, Vote, class_scores, cross_check_anchors, knn_vote, nearest_of_label
+from backend.labelling.anchors import (
+    CLASSIFIERS,
+    ClassScores,
+    CrossCheck,
+    Vote,
+    class_scores,
+    cross_check_anchors,
+    knn_vote,
+    nearest_of_label,
+    with_prototypes,
+)
+from backend.labelling.combination import LogLinearPool, PoolFit, candidate_features, compare_pools, top_candidates
 from backend.labelling.llm import LLMAnswer
 
 log = logging.getLogger(__name__)
 
 INVALID = -1
+_NO_ANSWER = LLMAnswer(label=None, valid=False)  # a view that was not asked, in a DCCA re-vote
 UNRESOLVED_POLICIES = ("vote", "encoder", "llm")
+#: How the views' labels become one: ``pool`` weighs each view by what the anchors prove
+#: (:mod:`backend.labelling.combination`); ``dcca`` is the paper's consistency split and DCCA re-vote.
+COMBINERS = ("pool", "dcca")
 VOTE_METHODS = ("knn", *CLASSIFIERS)
 
 
@@ -139,7 +155,9 @@ def stored_answers(records: Sequence[dict[str, Any]], views: Iterable[str]) -> d
         answers[view] = [
             LLMAnswer(label=r.get(f"llm_{view}"), valid=r.get(f"llm_{view}") is not None,
                       raw=r.get(f"llm_{view}_raw", ""), probability=r.get(f"llm_{view}_probability"),
-                      error=r.get(f"llm_{view}_error"), cached=True)
+                      error=r.get(f"llm_{view}_error"), cached=True,
+                      distribution=r.get(f"llm_{view}_distribution"))
+            if f"llm_{view}" in r or f"llm_{view}_error" in r else None  # None: the view was not asked
             for r in records
         ]
     return answers
@@ -147,9 +165,11 @@ def stored_answers(records: Sequence[dict[str, Any]], views: Iterable[str]) -> d
 
 @dataclass
 class HCCConfig:
-    """Settings of the pipeline; the defaults are the configuration that won the Banking77 ablation
-    (docs/benchmarks.md). The paper's recipe is ``HCCConfig(classifier="topk_mean", vote_method="knn",
-    unresolved="vote")``."""
+    """Settings of the pipeline. The default pools the encoder with the LLM's choice among the encoder's top
+    candidates, each weighed by what the anchors prove (``combine="pool"``, docs/benchmarks.md). The paper's
+    recipe is ``HCCConfig(combine="dcca", llm_views=("zero_shot", "hinted"), classifier="topk_mean",
+    vote_method="knn", unresolved="vote")``; the DCCA settings (``vote_*``, ``rounds``, ``unresolved``) are
+    the Banking77 ablation's winners and apply to ``combine="dcca"`` only."""
 
     k: int = 3  # anchors per class in the class-cluster score AS(e, C_j)
     classifier: str = "centroid"  # centroid (won on Banking77), topk_mean (the paper's AS) or ensemble
@@ -158,11 +178,17 @@ class HCCConfig:
     rounds: int = 2
     weighted_vote: bool = False
     unresolved: str = "encoder"  # label of items no round resolves: encoder, vote or llm
-    llm_views: tuple[str, ...] = ("zero_shot", "hinted")
+    llm_views: tuple[str, ...] = ("choice",)
     few_shot_examples: int = 8  # retrieved anchors shown in the few-shot view
     candidates: int = 0  # >0: the few-shot view may only answer one of the encoder's top classes
     adapt_prior: bool = True  # rescale the prior mapping on cross-checked anchors (backend/confidence/prior.py)
     eps: float = 1e-6
+    combine: str = "pool"  # pool: views weighed by the anchors' evidence; dcca: the paper's consistency + DCCA
+    choice_candidates: int = 5  # pool: the encoder's top classes the choice view chooses among
+    llm_gate: float = 0.95  # pool: ask the LLM only where the encoder's calibrated P(top label) is below this
+    anchor_llm_cap: int = 100  # pool: at most this many anchors are asked to weigh the views
+    pool_l2: float = 1.0  # pool: L2 pull of the view weights toward (encoder 1, LLM views 0)
+    label_prototypes: bool = True  # a label without anchors is scored by its embedded name (and description)
 
     def validate(self) -> None:
         for view in self.llm_views:
@@ -177,6 +203,14 @@ class HCCConfig:
             raise ValueError(f"unresolved must be one of {', '.join(UNRESOLVED_POLICIES)}")
         if self.vote_method not in VOTE_METHODS:
             raise ValueError(f"vote_method must be one of {', '.join(VOTE_METHODS)}")
+        if self.combine not in COMBINERS:
+            raise ValueError(f"combine must be one of {', '.join(COMBINERS)}, got {self.combine!r}")
+        if self.combine == "dcca" and "choice" in self.llm_views:
+            raise ValueError("the choice view needs combine='pool'")
+        if self.combine == "pool" and "few_shot" in self.llm_views:
+            raise ValueError("the few_shot view cannot be pooled; use choice, zero_shot or hinted")
+        if self.choice_candidates < 2 or not 0.0 <= self.llm_gate <= 1.0 or self.anchor_llm_cap < 0:
+            raise ValueError("choice_candidates must be >= 2, llm_gate in [0, 1] and anchor_llm_cap >= 0")
 
 
 @dataclass
@@ -193,7 +227,7 @@ class HCCPipeline:
     """
 
     def __init__(self, encoder, labels: Sequence[str], *, llm=None, config: HCCConfig | None = None,
-                 second_encoder=None) -> None:
+                 second_encoder=None, descriptions: dict[str, str] | None = None) -> None:
         self.encoder = encoder
         self.labels = list(labels)
         self.index_of = {label: i for i, label in enumerate(self.labels)}
@@ -207,6 +241,10 @@ class HCCPipeline:
         self.second_encoder = second_encoder
         self.anchor_vectors2 = np.zeros((0, 0), np.float32)
         self._prior: PriorMapping | None = None
+        self.descriptions = dict(descriptions if descriptions is not None else getattr(llm, "descriptions", {}) or {})
+        self._check: CrossCheck | None = None
+        self._evidence: Evidence | None = None
+        self._last_pool: PoolFit | None = None  # kept across anchor changes for re-votes that may not call
 
     def set_anchors(self, texts: Sequence[str], labels: Sequence[str], *,
                     cross_check: Sequence[bool] | None = None) -> None:
@@ -225,6 +263,8 @@ class HCCPipeline:
         self.anchor_labels = np.array([self.index_of[lab] for lab in labels], dtype=np.int64)
         self.anchor_cross_check = np.ones(len(texts), bool) if cross_check is None else np.array(cross_check, bool)
         self._prior = None  # refitted on the new anchors when next needed
+        self._check = None
+        self._evidence = None
 
     def prior(self) -> PriorMapping:
         """The prior mapping of P(right) from the encoder's signals, rescaled on these anchors when that
@@ -238,9 +278,15 @@ class HCCPipeline:
                 self._prior = self._anchor_prior()
         return self._prior
 
+    def cross_check(self) -> CrossCheck:
+        """Every anchor classified by the anchors of the other folds (computed once per anchor set)."""
+        if self._check is None:
+            self._check = cross_check_anchors(self.anchor_vectors, self.anchor_labels, len(self.labels),
+                                              method=self.config.classifier, k=self.config.k)
+        return self._check
+
     def _anchor_prior(self) -> PriorMapping:
-        check = cross_check_anchors(self.anchor_vectors, self.anchor_labels, len(self.labels),
-                                    method=self.config.classifier, k=self.config.k)
+        check = self.cross_check()
         rows = np.flatnonzero(check.usable & self.anchor_cross_check)
         predicted = check.scores.labels[rows]
         take = np.arange(len(rows)), predicted
@@ -258,6 +304,171 @@ class HCCPipeline:
     def classes_without_anchors(self) -> list[str]:
         counts = np.bincount(self.anchor_labels, minlength=len(self.labels))
         return [label for label, count in zip(self.labels, counts, strict=True) if count == 0]
+
+    # -- labels without anchors ------------------------------------------------------------------------
+    def _prototypes(self) -> np.ndarray:
+        """Each label's name (and description) embedded: the class's stand-in until it has anchors. Scored
+        by its plain cosine, which is lower than an anchor centroid's, so a name wins only a text that is
+        close to it (measured over anchor draws: see docs/benchmarks.md)."""
+        texts = [label.replace("_", " ").replace("-", " ").strip() or label for label in self.labels]
+        texts = [f"{t}: {self.descriptions[lab]}" if self.descriptions.get(lab) else t
+                 for t, lab in zip(texts, self.labels, strict=True)]
+        return self.encoder.encode(texts)
+
+    def _complete(self, scored: ClassScores, vectors: np.ndarray) -> ClassScores:
+        """Class scores with every label scored: labels without anchors by their prototypes."""
+        if not self.config.label_prototypes or len(vectors) == 0 or np.isfinite(scored.scores).any(axis=0).all():
+            return scored
+        return with_prototypes(scored, vectors, self._prototypes())
+
+    def _class_scores(self, vectors: np.ndarray) -> ClassScores:
+        scored = class_scores(vectors, self.anchor_vectors, self.anchor_labels, len(self.labels),
+                              k=self.config.k, method=self.config.classifier)
+        return self._complete(scored, vectors)
+
+    # -- the views' evidence (combine="pool") ------------------------------------------------------------
+    def encoder_log_probs(self, scores: np.ndarray) -> np.ndarray:
+        """The encoder's calibrated log-probability of every class: a softmax of its scores at the
+        temperature the anchors' own cross-check fits (see :meth:`evidence`)."""
+        return _scaled_log_probs(scores, self.evidence(allow_llm=False).encoder_weight)
+
+    def evidence(self, *, allow_llm: bool = True, progress: bool | Callable[[str, int], None] = False) -> Evidence:
+        """What the anchors prove about the views, once per anchor set (module :mod:`.combination`).
+
+        1. The encoder's temperature: a one-view pool over all classes fitted on each anchor's out-of-fold
+           scores. 2. The LLM views, asked on the anchors the encoder is unsure of (at most
+           ``anchor_llm_cap``, chosen by a hash of their text so that a new anchor does not reshuffle them),
+           with candidates from the out-of-fold scores; :func:`compare_pools` adopts them only when they
+           improve the out-of-fold likelihood of the anchors' labels. With ``allow_llm=False`` (re-votes
+           must not call the LLM) the last adopted pool is kept.
+        """
+        cfg = self.config
+        if self._evidence is not None and (self._evidence.complete or not allow_llm):
+            return self._evidence
+        check = self.cross_check()
+        rows = np.flatnonzero(check.usable)
+        oof = self._complete(check.scores, self.anchor_vectors)
+        scores, truth = oof.scores[rows], self.anchor_labels[rows]
+        temperature_pool = LogLinearPool(prior_weights=np.ones(1), l2=cfg.pool_l2)
+        temperature_pool.fit(_finite_or_neg_inf(scores / ENCODER_TEMPERATURE)[:, :, None], truth)
+        weight = float(temperature_pool.weights_[0]) if len(rows) >= 5 else 1.0
+        evidence = Evidence(encoder_weight=weight, anchors=len(rows))
+        if self.llm is None or cfg.combine != "pool" or not cfg.llm_views:
+            evidence.complete = True
+        elif not allow_llm:
+            evidence.pool = self._last_pool
+        else:
+            log_probs = _scaled_log_probs(scores, weight)
+            confident = np.exp(log_probs.max(axis=1)) if len(rows) else np.zeros(0)
+            gated = np.flatnonzero(confident < cfg.llm_gate)
+            asked = self._anchors_to_ask(rows, gated, confident)
+            candidates = top_candidates(scores, cfg.choice_candidates)
+            if len(gated):
+                evidence.recall = float(np.mean([truth[i] in candidates[i] for i in gated]))
+            texts = [self.anchor_texts[rows[i]] for i in asked]
+            answers = self._ask(texts, candidates[asked], scores[asked], progress, "anchors")
+            features = candidate_features(candidates[asked], log_probs[asked],
+                                          [self._view_probs(answers[v]) for v in cfg.llm_views])
+            target = np.array([_slot(candidates[i], truth[i]) for i in asked], dtype=np.int64)
+            evidence.pool = compare_pools(features, target, l2=cfg.pool_l2)
+            evidence.anchor_calls = len(asked) * len(cfg.llm_views)
+            evidence.complete = True
+            self._last_pool = evidence.pool
+            log.info("%s", evidence.pool.message)
+        self._evidence = evidence
+        return evidence
+
+    def _anchors_to_ask(self, rows: np.ndarray, gated: np.ndarray, confident: np.ndarray) -> np.ndarray:
+        """Positions (into ``rows``) of the anchors the LLM is asked about: the gated ones, a stable sample of
+        ``anchor_llm_cap`` when there are more; topped up with the least confident when there are too few
+        to weigh the views."""
+        cap = self.config.anchor_llm_cap
+        if len(gated) > cap:
+            order = sorted(gated, key=lambda i: _stable_hash(self.anchor_texts[rows[i]]))
+            return np.sort(np.array(order[:cap], dtype=np.int64))
+        floor = min(cap, _MIN_POOL_ANCHORS, len(rows))
+        if len(gated) >= floor:
+            return gated
+        return np.sort(np.argsort(confident, kind="stable")[:floor])
+
+    def _ask(self, texts: list[str], candidates: np.ndarray, scores: np.ndarray, progress, what: str
+             ) -> dict[str, list]:
+        """Each LLM view's answers for ``texts`` (``candidates``: their candidate classes)."""
+        out: dict[str, list] = {}
+        for view in self.config.llm_views:
+            bar, tick = _ticker(progress, f"{view} ({what})", len(texts))
+            if view == "choice":
+                out[view] = self.llm.choose(texts, [[self.labels[c] for c in row if c >= 0] for row in candidates],
+                                            progress=tick)
+            elif view == "zero_shot":
+                out[view] = self.llm.zero_shot(texts, progress=tick)
+            elif view == "hinted":
+                hints = [self.labels[int(np.argmax(row))] for row in scores]
+                out[view] = self.llm.hinted(texts, hints, progress=tick)
+            else:
+                raise ValueError(f"the {view!r} view cannot be pooled; use choice, zero_shot or hinted")
+            if bar:
+                bar.close()
+        return out
+
+    def _view_probs(self, answers: Sequence) -> list[dict[int, float] | None]:
+        """Class index -> probability per answer: the choice view's distribution, else the label alone."""
+        out: list[dict[int, float] | None] = []
+        for answer in answers:
+            if answer is None or answer.error or not answer.valid:
+                out.append(None)
+            elif answer.distribution:
+                out.append({self.index_of[k]: float(v) for k, v in answer.distribution.items() if k in self.index_of})
+            else:
+                out.append({self.index_of[answer.label]: 1.0} if answer.label in self.index_of else None)
+        return out
+
+    def _pool_run(self, work, vectors, scored, progress, timings, answers) -> PoolOutcome:
+        """Label the items by the pooled views: the LLM is asked only where the encoder is unsure and only
+        when the anchors showed that it helps (or, with stored ``answers``, where it answered before)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        evidence = self.evidence(allow_llm=answers is None and self.llm is not None, progress=progress)
+        timings["evidence"] = time.perf_counter() - t0
+        log_probs = _scaled_log_probs(scored.scores, evidence.encoder_weight)
+        n = len(work)
+        outcome = PoolOutcome(labels=scored.labels.copy(), stages=["encoder_only"] * n,
+                              probability=np.exp(log_probs.max(axis=1)) if n else np.zeros(0),
+                              candidates=np.full((n, 0), -1, np.int64), views={}, asked=np.zeros(n, bool))
+        pool = evidence.pool
+        if pool is None or not pool.adopted or n == 0:
+            return outcome
+        t0 = time.perf_counter()
+        candidates = top_candidates(scored.scores, cfg.choice_candidates)
+        if answers is not None:
+            views = {v: list(answers[v]) for v in cfg.llm_views}
+            asked = np.array([any(views[v][i] is not None for v in cfg.llm_views) for i in range(n)], bool)
+        else:
+            asked = outcome.probability < cfg.llm_gate
+            idx = np.flatnonzero(asked)
+            got = self._ask([work[i] for i in idx], candidates[idx], scored.scores[idx], progress, "items")
+            views = {v: [None] * n for v in cfg.llm_views}
+            for v in cfg.llm_views:
+                for j, i in enumerate(idx):
+                    views[v][i] = got[v][j]
+        timings["llm"] = time.perf_counter() - t0
+        idx = np.flatnonzero(asked)
+        if len(idx):
+            features = candidate_features(candidates[idx], log_probs[idx],
+                                          [self._view_probs([views[v][i] for i in idx]) for v in cfg.llm_views])
+            pooled = LogLinearPool()
+            pooled.weights_ = pool.weights
+            posterior = pooled.predict_proba(features)
+            best = posterior.argmax(axis=1)
+            for j, i in enumerate(idx):
+                outcome.labels[i] = candidates[i, best[j]]
+                outcome.probability[i] = posterior[j, best[j]] * evidence.recall
+                said = {self._index(views[v][i].label) for v in cfg.llm_views if views[v][i] is not None}
+                said.discard(INVALID)
+                outcome.stages[i] = ("consistent" if said == {int(scored.labels[i])}
+                                     else "combined" if said else "encoder_only")
+        outcome.candidates, outcome.views, outcome.asked = candidates, views, asked
+        return outcome
 
     # -- the run -------------------------------------------------------------------------------------
     def annotate(
@@ -287,14 +498,17 @@ class HCCPipeline:
         timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scored = class_scores(vectors, self.anchor_vectors, self.anchor_labels, len(self.labels),
-                              k=cfg.k, method=cfg.classifier)
+        scored = self._class_scores(vectors)
         timings["classify"] = time.perf_counter() - t0
+        if cfg.combine == "pool":
+            replay = {v: [answers[v][i] for i in active] for v in cfg.llm_views} if answers is not None else None
+            outcome = self._pool_run(work, vectors, scored, progress, timings, replay)
+            return self._finish(texts, skip_mask, active, scored, vectors, outcome, timings)
 
         views: dict[str, list] = {}
         use_llm = self.llm is not None or answers is not None
         if answers is not None:
-            views = {v: [answers[v][i] for i in active] for v in cfg.llm_views}
+            views = {v: [answers[v][i] or _NO_ANSWER for i in active] for v in cfg.llm_views}
         elif self.llm is not None:
             views = self._llm_views(work, vectors, scored, progress, timings)
         view_matrix = np.column_stack(
@@ -323,6 +537,44 @@ class HCCPipeline:
         records = self._records(texts, skip_mask, active, scored, views, view_matrix, result, vectors=vectors,
                                 second=second)
         report = self._report(records, result, timings)
+        final = np.full(len(texts), INVALID, np.int64)
+        final[active] = result.labels
+        return HCCResult(records=records, report=report, final_labels=final)
+
+    def _finish(self, texts, skip_mask, active, scored, vectors, outcome: PoolOutcome, timings) -> HCCResult:
+        """Records and report of a pooled run (``combine="pool"``)."""
+        n = len(active)
+        result = DCCAResult(outcome.labels, outcome.stages, np.full((0, n), INVALID), np.zeros((0, n)))
+        second = None
+        if self.second_encoder is not None:
+            t0 = time.perf_counter()
+            second = self._second_opinion([texts[i] for i in active], result.labels)
+            timings["encode2"] = time.perf_counter() - t0
+        views = outcome.views
+        records = self._records(texts, skip_mask, active, scored, {}, scored.labels[:, None], result,
+                                vectors=vectors, second=second)
+        name = dict(enumerate(self.labels))
+        for pos, i in enumerate(active):
+            rec = records[i]
+            rec["score"] = round(float(outcome.probability[pos]), 4)
+            if not outcome.asked[pos]:
+                continue
+            rec["candidates"] = [name[int(c)] for c in outcome.candidates[pos] if c >= 0]
+            for view, answers in views.items():
+                answer = answers[pos]
+                if answer is None:
+                    continue
+                rec[f"llm_{view}"] = answer.label
+                rec[f"llm_{view}_probability"] = answer.probability
+                if answer.distribution:
+                    rec[f"llm_{view}_distribution"] = {k: round(float(v), 5) for k, v in answer.distribution.items()}
+                if not answer.valid:
+                    rec[f"llm_{view}_raw"] = answer.raw
+                if answer.error:
+                    rec[f"llm_{view}_error"] = answer.error
+        report = self._report(records, result, timings)
+        evidence = self.evidence(allow_llm=False)
+        report["combination"] = dict(evidence.as_dict(), items_asked=int(outcome.asked.sum()))
         final = np.full(len(texts), INVALID, np.int64)
         final[active] = result.labels
         return HCCResult(records=records, report=report, final_labels=final)
@@ -449,7 +701,13 @@ class HCCPipeline:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
-        if "encoder_only" not in stages:
+        if cfg.combine == "pool":
+            answered = n_cons + stages.get("combined", 0)
+            if answered:  # CAI over the items both the encoder and the LLM labelled
+                report["cai_before"] = round(cai(n_cons, answered - n_cons, cfg.eps), 6)
+            if self.llm is not None:
+                report["llm"] = self.llm.stats.as_dict()
+        elif "encoder_only" not in stages:
             report["cai_before"] = round(cai(n_cons, n_active - n_cons, cfg.eps), 6)
             report["cai_after"] = round(cai(n_active - n_unres, n_unres, cfg.eps), 6)
             if self.llm is not None:
@@ -495,3 +753,71 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="item", leave=False)
+
+
+_MIN_POOL_ANCHORS = 20  # anchors answered by the LLM views below which the views cannot be weighed
+
+
+@dataclass
+class Evidence:
+    """What the anchors proved about the views (:meth:`HCCPipeline.evidence`)."""
+
+    encoder_weight: float  # temperature scaling of the encoder's scores (1 = ENCODER_TEMPERATURE)
+    anchors: int  # cross-checked anchors it rests on
+    pool: PoolFit | None = None  # the views' weights, and whether the LLM views earned a place
+    recall: float = 1.0  # share of the anchors the LLM is asked about whose label is among the candidates
+    anchor_calls: int = 0
+    complete: bool = False  # False: fitted without asking the LLM, to be redone by a run that may
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"encoder_weight": round(self.encoder_weight, 4), "anchors": self.anchors,
+                               "candidate_recall": round(self.recall, 4), "anchor_llm_questions": self.anchor_calls}
+        if self.pool is not None:
+            out.update(llm_adopted=self.pool.adopted, weights=[round(float(w), 4) for w in self.pool.weights],
+                       gain=round(self.pool.gain, 4), standard_error=round(self.pool.standard_error, 4),
+                       anchors_asked=self.pool.items, message=self.pool.message)
+        return out
+
+
+@dataclass
+class PoolOutcome:
+    labels: np.ndarray
+    stages: list[str]
+    probability: np.ndarray  # P(label right): pooled posterior x candidate recall, or the encoder's own
+    candidates: np.ndarray  # (n, K) candidate classes (-1 padded); (n, 0) when the LLM was not used
+    views: dict[str, list]  # view -> answer per item (None where not asked)
+    asked: np.ndarray  # (n,) bool
+
+
+def _finite_or_neg_inf(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values), values, -np.inf)
+
+
+def _scaled_log_probs(scores: np.ndarray, weight: float) -> np.ndarray:
+    """log softmax(weight * scores / ENCODER_TEMPERATURE) per row; classes scored -inf get -inf."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        return np.zeros(scores.shape if scores.ndim == 2 else (0, 0))
+    logits = _finite_or_neg_inf(weight * scores / ENCODER_TEMPERATURE)
+    empty = ~np.isfinite(logits).any(axis=1)
+    logits[empty] = 0.0
+    return log_softmax(logits, axis=1)
+
+
+def _slot(candidates: np.ndarray, label: int) -> int:
+    hits = np.flatnonzero(candidates == label)
+    return int(hits[0]) if len(hits) else -1
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+
+
+def _ticker(progress, desc: str, total: int):
+    """(bar to close, tick callable) for a progress flag or a caller's hook ``progress(what, n)``."""
+    if callable(progress):
+        return None, (lambda n=1: progress(desc, n))
+    bar = _progress_bar(total, f"LLM {desc}", progress)
+    return bar, (bar.update if bar else None)

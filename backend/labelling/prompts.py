@@ -54,3 +54,25 @@ def few_shot_message(
         parts.append("")
     parts.append(f"Text: {text}")
     return "\n".join(parts)
+
+
+def choice_system_prompt(*, json_answer: bool = True) -> str:
+    """The fixed part of the choice view: the same for every item, so a server caches it once."""
+    return "\n".join([
+        "You classify short texts for a labelling team.",
+        "Each text comes with a short list of candidate labels.",
+        "Pick the candidate that best describes the text.",
+        "Use a label exactly as it is written in the list.",
+        ANSWER_FORMAT if json_answer else LABEL_ONLY_FORMAT,
+    ])
+
+
+def choice_message(text: str, candidates: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+    """The candidates in the order given (the caller keeps it independent of any ranking); a label's
+    description follows its name when the team gave one."""
+    lines = ["Candidates:"]
+    for label in candidates:
+        note = (descriptions or {}).get(label)
+        lines.append(f"- {label}: {note}" if note else f"- {label}")
+    lines += ["", f"Text: {text}"]
+    return "\n".join(lines)

@@ -398,7 +398,8 @@ class PairwiseProjectModel:
             self.judge = PairwiseJudge(
                 base_url=settings.llm_base_url, model=settings.llm_model, api_key=settings.llm_api_key or None,
                 cache_dir=settings.cache_dir / "llm", concurrency=settings.llm_concurrency,
-                structured=settings.llm_structured, logprobs=settings.llm_logprobs,
+                structured=settings.llm_structured,
+                logprobs=settings.llm_logprobs is not False,  # the judge's confidence is read from them
             )
 
     # -- predictions -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from backend.studio.store import Anchor, ProjectStore
 log = logging.getLogger(__name__)
 
 TRUSTED_STAGES = ("consistent",)  # records whose label joins the DCCA reference set of later batches
-NOT_FLAGGED = ("consistent", "encoder_only")
+NOT_FLAGGED = ("consistent", "encoder_only")  # "combined" (the pooled views disagreed) is flagged
 
 
 class TaskDataError(ValueError):
@@ -121,10 +121,11 @@ class ProjectModel:
                 list(target.labels), base_url=settings.llm_base_url, model=settings.llm_model,
                 api_key=settings.llm_api_key or None, descriptions=target.descriptions or None,
                 cache_dir=settings.cache_dir / "llm", concurrency=settings.llm_concurrency,
-                logprobs=settings.llm_logprobs, structured=settings.llm_structured,
+                logprobs=bool(settings.llm_logprobs), choice_logprobs=settings.llm_logprobs,
+                structured=settings.llm_structured,
             )
         self.pipeline = HCCPipeline(encoder, list(target.labels), llm=llm, config=settings.hcc,
-                                    second_encoder=second_encoder)
+                                    second_encoder=second_encoder, descriptions=dict(target.descriptions or {}))
         self._revision = -1
         self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it

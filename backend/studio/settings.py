@@ -11,11 +11,12 @@
 | ``HCC_LLM_MODEL`` / ``HCC_LLM_API_KEY`` | model name and key for that endpoint | ``local`` / none |
 | ``HCC_LLM_STRUCTURED`` | how answers are held to the label set (see ``hcc annotate --help``) | ``auto`` |
 | ``HCC_LLM_CONCURRENCY`` | parallel LLM requests | ``4`` |
-| ``HCC_LLM_LOGPROBS`` | ask for token logprobs (``0`` is faster) | ``1`` |
+| ``HCC_LLM_LOGPROBS`` | ``1``: every view asks for logprobs; ``0``: none; unset: the views that use them | unset |
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
 | ``HCC_SECOND_ENCODER`` | a second encoder whose opinion sharpens the score (e.g. ``all-mpnet-base-v2``) | none |
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
 | ``HCC_CLASSIFIER`` | ``centroid`` (best before reviews), ``ensemble`` (learns faster), ``topk_mean`` | ``centroid`` |
+| ``HCC_COMBINE`` | ``pool`` (views weighed by the anchors' evidence), ``dcca`` (the paper's DCCA) | ``pool`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
 | ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
 | ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
@@ -34,10 +35,10 @@ from pathlib import Path
 from backend import __version__
 from backend.labelling.anchors import CLASSIFIERS
 from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
-from backend.labelling.pipeline import HCCConfig
+from backend.labelling.pipeline import COMBINERS, HCCConfig
 
 
-def _flag(name: str, default: bool) -> bool:
+def _flag(name: str, default: bool | None) -> bool | None:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -56,7 +57,7 @@ class Settings:
     llm_api_key: str = field(default="", repr=False)
     llm_structured: str = "auto"
     llm_concurrency: int = 4
-    llm_logprobs: bool = True
+    llm_logprobs: bool | None = None  # None: each view asks where it uses them
     encoder: str = DEFAULT_ENCODER
     encoder_precision: str = "float32"  # resolved: float32 or bfloat16
     second_encoder: str = ""  # empty: none
@@ -81,7 +82,7 @@ class Settings:
             llm_api_key=env("HCC_LLM_API_KEY", "") or env("OPENAI_API_KEY", ""),
             llm_structured=env("HCC_LLM_STRUCTURED", "") or "auto",
             llm_concurrency=int(env("HCC_LLM_CONCURRENCY", "") or 4),
-            llm_logprobs=_flag("HCC_LLM_LOGPROBS", True),
+            llm_logprobs=_flag("HCC_LLM_LOGPROBS", None),
             encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
             second_encoder=(env("HCC_SECOND_ENCODER", "") or "").strip(),
             encoder_precision=resolve_precision(env("HCC_ENCODER_PRECISION", "") or "auto"),
@@ -90,7 +91,7 @@ class Settings:
             calibration=_flag("HCC_CALIBRATION", True),
             target_precision=float(env("HCC_TARGET_PRECISION", "") or 0.95),
             prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
-            hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier),
+            hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool"),
         )
 
     @property
@@ -111,8 +112,13 @@ class Settings:
         return self.model_dir / "cache"
 
 
-def _hcc_config(classifier: str) -> HCCConfig:
-    config = HCCConfig(classifier=classifier.strip().lower())
+def _hcc_config(classifier: str, combine: str = "pool") -> HCCConfig:
+    combine = combine.strip().lower()
+    if combine not in COMBINERS:
+        raise ValueError(f"HCC_COMBINE must be one of {', '.join(COMBINERS)}, got {combine!r}")
+    # dcca: the paper's two views (zero-shot and hinted) with the ablation's DCCA settings
+    views = ("zero_shot", "hinted") if combine == "dcca" else HCCConfig.llm_views
+    config = HCCConfig(classifier=classifier.strip().lower(), combine=combine, llm_views=views)
     if config.classifier not in CLASSIFIERS:
         raise ValueError(f"HCC_CLASSIFIER must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
     return config

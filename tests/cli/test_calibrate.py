@@ -187,6 +187,7 @@ def test_annotate_adds_self_consistency_samples(fault_server: FaultServer, workd
     out = workdir / "sc.jsonl"
     assert main(["annotate", "--unlabeled", str(workdir / "tasks.csv"), "--anchors", str(workdir / "anchors.csv"),
                  "--out", str(out), "--llm-base-url", fault_server.url, "--self-consistency", "2", "--quiet",
+                     "--combine", "dcca", "--views", "zero_shot,hinted",
                  "--cache-dir", str(workdir / "sc-cache")]) == 0
     report = last_json(capsys.readouterr().out)
     rows = read_jsonl(out)

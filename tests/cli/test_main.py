@@ -108,10 +108,37 @@ def test_llm_required_unless_no_llm(files: Path) -> None:
     assert "--llm-base-url" in proc.stderr
 
 
+def test_self_consistency_needs_the_zero_shot_view(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "o.jsonl",
+                   "--llm-base-url", "http://127.0.0.1:9/v1", "--self-consistency", "2", cwd=files)
+    assert proc.returncode == 2 and "--self-consistency samples the zero_shot view" in proc.stderr
+
+
 @pytest.mark.llm
-def test_annotate_with_a_real_llm_server_then_rerun_from_cache(files: Path, llm_server: str) -> None:
+def test_annotate_by_default_with_a_real_llm_server_then_rerun_from_cache(files: Path, llm_server: str) -> None:
     args = ("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
             "--labels", "labels.txt", "--llm-base-url", llm_server, "--quiet")
+    first = run_hcc(*args, cwd=files)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[1]["stage"] == "skipped"
+    assert {r["stage"] for r in rows[:1] + rows[2:]} <= {"consistent", "combined", "encoder_only"}
+    # few anchors: the LLM is asked about them, cannot prove itself on so few, and costs no item question
+    assert report["combination"]["anchor_llm_questions"] > 0 and not report["combination"]["llm_adopted"]
+    assert report["llm"]["calls"] == report["combination"]["anchor_llm_questions"]
+    second = run_hcc(*args, cwd=files)
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["llm"]["calls"] == 0 and again["llm"]["cached"] == report["llm"]["calls"]
+    assert [json.loads(line) for line in (files / "out.jsonl").read_text().splitlines()] == rows
+
+
+@pytest.mark.llm
+def test_annotate_by_the_papers_recipe_with_a_real_llm_server_then_rerun_from_cache(files: Path, llm_server: str
+                                                                                     ) -> None:
+    args = ("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+            "--labels", "labels.txt", "--llm-base-url", llm_server, "--quiet", "--combine", "dcca",
+            "--views", "zero_shot,hinted")
     first = run_hcc(*args, cwd=files)
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout.strip().splitlines()[-1])
@@ -148,7 +175,7 @@ def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
     proc = run_hcc("demo", "--offline", "--items", "8", "--workdir", "run", "--llm-base-url", llm_server,
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for line in ("LLM zero-shot", "LLM hinted", "HCC final", "CAI before"):
+    for line in ("encoder (anchors)", "HCC final", "views: "):  # the views' verdict, whatever SmolLM earns
         assert line in proc.stdout
 
 
@@ -159,7 +186,7 @@ def test_label_descriptions_and_seed_reach_the_llm(files: Path, fault_server: Fa
     fault_server.default = label("forgot_pin")
     proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
                    "--labels", "labels.json", "--llm-base-url", fault_server.url, "--seed", "7", "--quiet",
-                   "--no-logprobs", cwd=files)
+                   "--no-logprobs", "--combine", "dcca", "--views", "zero_shot,hinted", cwd=files)
     assert proc.returncode == 0, proc.stderr
     assert fault_server.request_count == 6  # 3 texts x (zero-shot, hinted); the empty row costs nothing
     system = fault_server.requests[0]["messages"][0]["content"]

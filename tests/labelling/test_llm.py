@@ -36,7 +36,8 @@ TEXTS = ["Where is my new card?", "How do I link my card?", "What rate do you us
 def make(server: FaultServer, **options: Any) -> LLMAnnotator:
     """An annotator on ``server`` with tiny backoff, so retry tests cost milliseconds."""
     labels = options.pop("labels", LABELS)
-    settings: dict[str, Any] = {"concurrency": 1, "max_retries": 2, "backoff": 0.001, "timeout": 5.0}
+    # logprobs on: most tests here exercise their handling (the annotator's default is off)
+    settings: dict[str, Any] = {"concurrency": 1, "max_retries": 2, "backoff": 0.001, "timeout": 5.0, "logprobs": True}
     return LLMAnnotator(labels, base_url=server.url, **{**settings, **options})
 
 
@@ -376,7 +377,7 @@ def test_an_unrelated_bad_request_keeps_constrained_output(fault_server: FaultSe
 
     assert too_long.error is not None and too_long.label is None
     assert fine.label == "card_arrival"
-    assert annotator.structured == "auto"
+    assert annotator.structured == "json_object"  # what auto settled on, kept
     assert "response_format" in fault_server.requests[-1]
 
 
@@ -651,3 +652,73 @@ def test_label_only_modes_send_the_label_set_and_parse_a_bare_label(
 def test_gbnf_choice_escapes_quotes_backslashes_and_newlines() -> None:
     grammar = llm_module.gbnf_choice(['say "hi"', "back\\slash", "two\nlines"])
     assert grammar == 'root ::= "say \\"hi\\"" | "back\\\\slash" | "two\\nlines"'
+
+
+# -- the choice view and the fast defaults --------------------------------------------------------------
+from tests.fault_server import ranked  # noqa: E402
+
+
+def test_auto_mode_uses_a_grammar_on_llama_cpp_servers(fault_server: FaultServer) -> None:
+    fault_server.owned_by = "me"  # llama-cpp-python's model list
+    fault_server.default = answer("card_arrival")
+    annotator = LLMAnnotator(LABELS, base_url=fault_server.url)  # every default
+    assert annotator.zero_shot(TEXTS[:1])[0].label == "card_arrival"
+    body = fault_server.requests[0]
+    assert "grammar" in body and "response_format" not in body
+    assert prompts.LABEL_ONLY_FORMAT in body["messages"][0]["content"]
+    assert "logprobs" not in body  # the label views do not ask for logprobs by default
+
+
+def test_auto_mode_keeps_json_elsewhere(fault_server: FaultServer) -> None:
+    fault_server.default = label("card_arrival")
+    annotator = make(fault_server, structured="auto")
+    annotator.zero_shot(TEXTS[:1])
+    assert fault_server.requests[0]["response_format"]["type"] == "json_object"
+
+
+def test_choice_view_scores_every_candidate_from_the_alternatives(fault_server: FaultServer) -> None:
+    # "card_linking" is chosen; at the first token "card" is shared by two candidates, at the second token
+    # "_arrival" is the alternative to "_linking"; "exchange_rate" leaves at the first token.
+    fault_server.default = ranked(
+        "card_linking", [("card", math.log(0.8)), ("_linking", math.log(0.75))],
+        [[("card", math.log(0.8)), ("exchange", math.log(0.2))],
+         [("_linking", math.log(0.75)), ("_arrival", math.log(0.25))]])
+    annotator = make(fault_server, structured="grammar")
+    [got] = annotator.choose(["How do I link my card?"], [["card_arrival", "card_linking", "exchange_rate"]])
+    body = fault_server.requests[0]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20
+    assert "card_arrival" in user_text(body) and "lost_or_stolen_card" not in user_text(body)
+    assert got.label == "card_linking"
+    assert got.distribution == pytest.approx({"card_linking": 0.6, "card_arrival": 0.2, "exchange_rate": 0.2})
+    assert got.probability == pytest.approx(0.6)
+
+
+def test_choice_view_without_logprobs_knows_the_chosen_label_only(fault_server: FaultServer) -> None:
+    fault_server.default = label("exchange_rate")
+    annotator = make(fault_server, structured="json_object")
+    annotator.logprobs_rejected = True
+    [got] = annotator.choose(["rate?"], [["card_arrival", "exchange_rate"]])
+    assert got.label == "exchange_rate" and got.distribution is None
+    assert "logprobs" not in fault_server.requests[0]
+    assert fault_server.requests[0]["response_format"]["schema"]["properties"]["label"]["enum"] == [
+        "card_arrival", "exchange_rate"]
+
+
+def test_choice_answer_outside_the_candidates_is_invalid(fault_server: FaultServer) -> None:
+    fault_server.default = answer("lost_or_stolen_card")
+    annotator = make(fault_server, structured="none")
+    [got] = annotator.choose(["lost it"], [["card_arrival", "exchange_rate"]])
+    assert got.label is None and not got.valid and got.raw == "lost_or_stolen_card"
+
+
+def test_choice_view_skips_logprobs_on_llama_cpp(fault_server: FaultServer) -> None:
+    # llama.cpp computes logits for every prompt token once logprobs are asked: twice the time per call
+    fault_server.owned_by = "llamacpp"
+    fault_server.default = answer("card_linking")
+    annotator = LLMAnnotator(LABELS, base_url=fault_server.url)
+    [got] = annotator.choose(["link?"], [["card_arrival", "card_linking"]])
+    assert got.label == "card_linking" and got.distribution is None
+    assert "logprobs" not in fault_server.requests[0] and "grammar" in fault_server.requests[0]
+    forced = LLMAnnotator(LABELS, base_url=fault_server.url, choice_logprobs=True)
+    forced.choose(["link?"], [["card_arrival", "card_linking"]])
+    assert fault_server.requests[-1]["top_logprobs"] == 20

@@ -228,7 +228,8 @@ def make_pipeline(llm=None, **config) -> tuple[HCCPipeline, FixedEncoder]:
     encoder = FixedEncoder({**ANCHOR_TEXTS, **ITEM_ANGLES})
     # The paper's recipe (AS classifier, MV-VTES k-NN vote, unresolved keep the vote), so the hand-worked
     # expectations below follow the paper; the defaults are tested separately.
-    paper = {"classifier": "topk_mean", "vote_method": "knn", "unresolved": "vote"}
+    paper = {"classifier": "topk_mean", "vote_method": "knn", "unresolved": "vote", "combine": "dcca",
+             "llm_views": ("zero_shot", "hinted")}
     cfg = HCCConfig(k=1, vote_k=1, rounds=2, **{**paper, **config})
     pipe = HCCPipeline(encoder, LABELS, llm=llm, config=cfg)
     pipe.set_anchors(list(ANCHOR_TEXTS), LABELS)
@@ -346,6 +347,11 @@ def test_pipeline_anchor_checks():
         ({"rounds": -1}, "rounds >= 0"),
         ({"classifier": "knn"}, "unknown classifier 'knn'"),
         ({"unresolved": "human"}, "unresolved must be one of"),
+        ({"combine": "vote"}, "combine must be one of"),
+        ({"combine": "dcca", "llm_views": ("choice",)}, "the choice view needs combine='pool'"),
+        ({"llm_views": ("few_shot",)}, "the few_shot view cannot be pooled"),
+        ({"choice_candidates": 1}, "choice_candidates must be >= 2"),
+        ({"llm_gate": 1.5}, "llm_gate in"),
     ],
 )
 def test_config_validate_errors(overrides, message):
@@ -357,7 +363,8 @@ def test_config_validate_errors(overrides, message):
 
 def test_default_config_is_valid():
     HCCConfig().validate()
-    HCCConfig(rounds=0, llm_views=("few_shot",), classifier="ensemble", unresolved="encoder").validate()
+    HCCConfig(rounds=0, llm_views=("few_shot",), classifier="ensemble", unresolved="encoder", combine="dcca").validate()
+    HCCConfig(llm_views=("choice", "zero_shot")).validate()
 
 
 def test_centroid_vote_uses_the_whole_reference_set_where_knn_sees_only_neighbours() -> None:
@@ -382,10 +389,10 @@ def test_unknown_vote_method_is_refused() -> None:
         HCCConfig(vote_method="median").validate()
 
 
-def test_defaults_are_the_banking77_ablation_winner() -> None:
+def test_defaults_pool_the_choice_view_and_keep_the_ablation_winner_for_dcca() -> None:
     cfg = HCCConfig()
+    assert (cfg.combine, cfg.llm_views) == ("pool", ("choice",))
     assert (cfg.classifier, cfg.vote_method, cfg.unresolved, cfg.rounds) == ("centroid", "centroid", "encoder", 2)
-    assert cfg.llm_views == ("zero_shot", "hinted")
 
 
 # -- the prior mapping of a run ----------------------------------------------------------------------------
@@ -413,14 +420,15 @@ def test_prior_is_rescaled_where_the_anchors_show_the_encoder_guessing():
     labels = [LABELS[int(x)] for x in rng.integers(0, 2, 240)]
     items = {f"item {i}": float(a) for i, a in enumerate(rng.uniform(0, 360, 100))}
     encoder = FixedEncoder({**dict(zip(texts, angles, strict=True)), **items})
-    pipe = HCCPipeline(encoder, LABELS)
+    no_names = HCCConfig(label_prototypes=False)  # label "c" has no anchor; this encoder knows no label names
+    pipe = HCCPipeline(encoder, LABELS, config=no_names)
     pipe.set_anchors(texts, labels)
     mapping = pipe.prior()
     assert mapping.adapted and "rescaled on" in mapping.message
     records = pipe.annotate(list(items)).records
     probs = np.array([r["prior_probability"] for r in records])
     assert 0.35 < probs.mean() < 0.65
-    off = HCCPipeline(encoder, LABELS, config=HCCConfig(adapt_prior=False))
+    off = HCCPipeline(encoder, LABELS, config=HCCConfig(adapt_prior=False, label_prototypes=False))
     off.set_anchors(texts, labels)
     assert not off.prior().adapted and "adapt_prior is off" in off.prior().message
     assert np.mean([r["prior_probability"] for r in off.annotate(list(items)).records]) > 0.75

@@ -108,7 +108,7 @@ def test_import_prelabels_every_unlabelled_task(world):
         assert _label(pred) in world["labels"]
         assert 0.0 <= pred["score"] <= 1.0
         meta = task["meta"]
-        assert meta["hcc_stage"] in ("consistent", "round1", "round2", "unresolved")
+        assert meta["hcc_stage"] in ("consistent", "combined", "encoder_only")  # the pooled default
         assert meta["needs_review"] == (pred["score"] < threshold)
     last = _status(world)["last_run"]
     assert "no reviewed items yet" in last["scores"]  # calibrated score: the documented prior until reviews

@@ -20,6 +20,7 @@ import pytest
 from backend.confidence.calibration import fit_calibrator
 from backend.data import MAX_TEXT_CHARS
 from backend.labelling.llm import LLMAnswer, LLMStats
+from backend.labelling.pipeline import HCCConfig
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.project import (
     NOT_FLAGGED,
@@ -207,10 +208,19 @@ class ScriptedLLM:
         self.calls += 1
         return [SCRIPT[t]["hinted"] for t in texts]
 
+    def choose(self, texts: Sequence[str], candidates: Sequence[Sequence[str]], *, progress: Any = None
+               ) -> list[LLMAnswer]:
+        """The choice view: always the last candidate, with a distribution over all of them."""
+        self.calls += 1
+        return [LLMAnswer(label=c[-1], valid=True, raw=c[-1], probability=0.8,
+                          distribution={**{x: 0.2 / (len(c) - 1) for x in c[:-1]}, c[-1]: 0.8}) for c in candidates]
+
 
 @pytest.fixture
 def model(tmp_path: Path) -> ProjectModel:
-    settings = Settings(model_dir=tmp_path)  # no HCC_LLM_BASE_URL: the scripted LLM is plugged in below
+    # The paper's two views and DCCA: the scripted answers below exercise each DCCA stage.
+    dcca = HCCConfig(combine="dcca", llm_views=("zero_shot", "hinted"))
+    settings = Settings(model_dir=tmp_path, hcc=dcca)  # no HCC_LLM_BASE_URL: the scripted LLM is plugged in below
     project = ProjectModel(5, TARGET, settings, AngleEncoder())
     for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
         project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
@@ -367,3 +377,20 @@ def test_a_second_encoder_that_was_never_pulled_fails_setup_with_the_fix(tmp_pat
               "<Choice value='no'/></Choices></View>")
     with pytest.raises(ValueError, match="HCC_SECOND_ENCODER: .*hcc encoder pull all-mpnet-base-v2"):
         service.setup({"project": 8, "schema": config})
+
+
+def test_the_pooled_default_labels_and_revotes_in_a_project(tmp_path: Path) -> None:
+    # Six anchors are too few to weigh the LLM: it is asked about the anchors only, and labels stay the encoder's.
+    project = ProjectModel(7, TARGET, Settings(model_dir=tmp_path), AngleEncoder())
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    project.pipeline.llm = ScriptedLLM()
+    records, _ = project.label(item_tasks())
+    assert project.settings.hcc.combine == "pool"
+    assert {r["stage"] for r in records.values()} == {"encoder_only"}
+    assert all(r["label"] == r["encoder_label"] for r in records.values())
+    assert all(0.0 < r["score"] <= 1.0 for r in records.values())
+    calls = project.pipeline.llm.calls
+    assert calls == 1  # the anchors' question; no item was asked
+    project.revote(project.store.items())
+    assert project.pipeline.llm.calls == calls

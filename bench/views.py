@@ -1,0 +1,168 @@
+"""Do the views earn their place? Every ClusterLLM-format set, several anchor budgets, plain random draws.
+
+For each data set in ``../shared/data/clusterllm_nlu`` the anchors are a plain random share of
+``large.jsonl`` (no stratification: users do not stratify), drawn anew per draw; the rows are evaluated on
+one seeded sample of ``small.jsonl`` (``--items``; the same items for every row and draw). Rows:
+
+* encoder alone (nearest centroid over the anchors, labels without anchors scored by their names) and the
+  same without the label names (the cold-start ablation);
+* LLM zero-shot (draw-independent);
+* the paper's recipe (AS k=3, zero-shot + hinted, 5-NN DCCA vote), on the first ``--paper-draws`` draws;
+* the default: views pooled by the anchors' evidence (``combine="pool"``, the choice view).
+
+LLM answers are cached on disk (``$HCC_CACHE_DIR``), so a re-run replays them at no LLM cost; the table's
+LLM cost is the questions each row asks per evaluated item (anchor questions included).
+
+    .venv/bin/python bench/views.py --llm-base-url http://127.0.0.1:8081/v1      # after `hcc llm serve`
+    .venv/bin/python bench/views.py --no-llm --budgets 0.01,0.05,0.1 --draws 5   # encoder rows only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
+from backend.labelling.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
+from backend.labelling.llm import LLMAnnotator  # noqa: E402
+from backend.labelling.pipeline import HCCConfig, HCCPipeline  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clusterllm_nlu"
+DATASETS = ("banking77", "clinc", "massive_scenario", "mtop_intent")
+#: The HCC paper's Llama-3-8B figures at 5% anchors (../shared/data/README.md): zero-shot, encoder, HCC.
+PAPER = {"banking77": (33.06, 73.93, 77.71), "clinc": (32.49, 79.01, 82.43),
+         "massive_scenario": (43.52, 75.55, 78.13), "mtop_intent": (34.17, 52.49, 63.39)}
+PAPER_RECIPE = HCCConfig(combine="dcca", classifier="topk_mean", vote_method="knn", unresolved="vote",
+                         llm_views=("zero_shot", "hinted"))
+DEFAULT = HCCConfig(combine="pool", llm_views=("choice",))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def accuracy(labels, gold) -> float:
+    return float(np.mean([a == b for a, b in zip(labels, gold, strict=True)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--budgets", default="0.05", help="anchor shares of large.jsonl, comma-separated")
+    ap.add_argument("--llm-budgets", default="0.05", help="budgets that also get the LLM rows")
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--paper-draws", type=int, default=1, help="draws that also run the paper's recipe")
+    ap.add_argument("--items", type=int, default=300)
+    ap.add_argument("--encoder", default=DEFAULT_ENCODER)
+    ap.add_argument("--llm-base-url")
+    ap.add_argument("--llm-model", default=DEFAULT_LLM_MODEL)
+    ap.add_argument("--no-llm", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "views.json")
+    args = ap.parse_args()
+    if not args.no_llm and not args.llm_base_url:
+        ap.error("give --llm-base-url (e.g. from `hcc llm serve`) or --no-llm")
+    cache = cache_dir()
+    encoder = Encoder(args.encoder, cache_dir=cache / "embeddings", show_progress=False)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results.setdefault("runs", {})
+    results["meta"] = {"encoder": args.encoder, "llm": None if args.no_llm else args.llm_model, "items": args.items}
+    for name in args.datasets.split(","):
+        run_dataset(name, args, encoder, cache, results["runs"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+
+
+def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> None:
+    large, small = read_jsonl(DATA / name / "large.jsonl"), read_jsonl(DATA / name / "small.jsonl")
+    labels = sorted({r["label"] for r in large} | {r["label"] for r in small})
+    sample = random.Random(1234).sample(small, min(args.items, len(small))) if args.items else small
+    texts, gold = [r["input"] for r in sample], [r["label"] for r in sample]
+    llm_budgets = {float(b) for b in args.llm_budgets.split(",")} if not args.no_llm else set()
+
+    def annotator() -> LLMAnnotator:  # a fresh one per row: its counts are the row's own
+        return LLMAnnotator(labels, base_url=args.llm_base_url, model=args.llm_model, cache_dir=cache / "llm",
+                            concurrency=2)
+
+    if llm_budgets:
+        key = f"{name}|zero_shot"
+        if key not in runs:
+            llm = annotator()
+            t0 = time.perf_counter()
+            answers = llm.zero_shot(texts)
+            runs[key] = {"accuracy": accuracy([a.label for a in answers], gold), "questions_per_item": 1.0,
+                         "seconds": time.perf_counter() - t0, "llm": llm.stats.as_dict()}
+            print(f"{name} LLM zero-shot {100 * runs[key]['accuracy']:.2f}", file=sys.stderr)
+    for budget in (float(b) for b in args.budgets.split(",")):
+        for draw in range(args.draws):
+            anchors = random.Random(draw).sample(large, round(budget * len(large)))
+            rows = {"encoder": (HCCConfig(), False),
+                    "encoder, no label names": (HCCConfig(label_prototypes=False), False)}
+            if budget in llm_budgets:
+                rows["default"] = (DEFAULT, True)
+                if draw < args.paper_draws:
+                    rows["paper recipe"] = (PAPER_RECIPE, True)
+            for row, (config, with_llm) in rows.items():
+                key = f"{name}|{budget}|{draw}|{row}|{args.encoder}"
+                if key in runs:
+                    continue
+                llm = annotator() if with_llm else None
+                pipeline = HCCPipeline(encoder, labels, llm=llm, config=config)
+                pipeline.set_anchors([a["input"] for a in anchors], [a["label"] for a in anchors])
+                t0 = time.perf_counter()
+                result = pipeline.annotate(texts)
+                seconds = time.perf_counter() - t0
+                run = {"accuracy": accuracy([r["label"] for r in result.records], gold), "seconds": seconds,
+                       "anchors": len(anchors), "classes_without_anchors": len(pipeline.classes_without_anchors())}
+                if with_llm:
+                    run["llm"] = llm.stats.as_dict()
+                    run["questions_per_item"] = questions_per_item(result.report, config, len(texts))
+                    run["stages"] = result.report["stages"]
+                    if "combination" in result.report:
+                        run["combination"] = result.report["combination"]
+                runs[key] = run
+                print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} "
+                      f"({seconds:.0f} s)", file=sys.stderr)
+
+
+def questions_per_item(report: dict, config: HCCConfig, items: int) -> float:
+    """LLM questions a run asks per evaluated item, anchor questions included (cached or not)."""
+    combination = report.get("combination")
+    if combination is None:
+        return float(len(config.llm_views))
+    return (combination["anchor_llm_questions"] + combination["items_asked"] * len(config.llm_views)) / items
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    cells: dict[tuple, list] = {}
+    for key, run in runs.items():
+        parts = key.split("|")
+        if len(parts) == 2:
+            cells.setdefault((parts[0], "-", "LLM zero-shot"), []).append(run)
+            continue
+        name, budget, _draw, row, _encoder = parts
+        cells.setdefault((name, budget, row), []).append(run)
+    lines = ["| data set | anchors | row | draws | accuracy, mean (min-max) | LLM questions / item |",
+             "|---|---|---|---|---|---|"]
+    for (name, budget, row), group in sorted(cells.items()):
+        acc = [100 * r["accuracy"] for r in group]
+        spread = f"{statistics.mean(acc):.2f} ({min(acc):.2f}-{max(acc):.2f})" if len(acc) > 1 else f"{acc[0]:.2f}"
+        questions = [r.get("questions_per_item", 0.0) for r in group]
+        share = "-" if budget == "-" else f"{float(budget):.0%}"
+        lines.append(f"| {name} | {share} | {row} | {len(group)} | {spread} | {statistics.mean(questions):.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The pooled pipeline (combine="pool") with the real encoder and an LLM over HTTP whose reliability is known.
+
+The LLM is the OpenAI-speaking test server scripted as an annotator of known quality: an oracle that picks
+the gold label whenever it is among the candidates, or a careless one that always picks the first
+candidate. The anchors must show the pipeline which is which.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend.labelling.encoder import Encoder
+from backend.labelling.llm import LLMAnnotator
+from backend.labelling.pipeline import HCCConfig, HCCPipeline
+from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers the `fault_server` fixture
+    Action,
+    FaultServer,
+    fault_server_fixture,
+    ranked,
+)
+
+SAMPLES = Path(__file__).resolve().parents[2] / "backend" / "samples"
+
+
+def rows(name: str) -> list[dict[str, str]]:
+    with (SAMPLES / name).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+ANCHORS = rows("banking77_anchors.csv")
+TASKS = rows("banking77_tasks.csv")
+GOLD = {r["text"]: r["category"] for r in ANCHORS + TASKS}
+LABELS = sorted({r["category"] for r in ANCHORS + TASKS})
+
+
+def choice_request(body: dict[str, Any]) -> tuple[list[str], str]:
+    """(candidates, text) of a choice-view request."""
+    message = body["messages"][-1]["content"]
+    candidates = re.findall(r"^- (\S+)$", message.split("\n\nText: ")[0], flags=re.M)
+    return candidates, message.split("\n\nText: ", 1)[1]
+
+
+def picks(choose) -> Any:
+    """A responder that answers the candidate ``choose(candidates, text)`` with probability 0.9, listing
+    every candidate as an alternative of its one token."""
+
+    def respond(body: dict[str, Any]) -> Action:
+        candidates, text = choice_request(body)
+        chosen = choose(candidates, text)
+        rest = [c for c in candidates if c != chosen]
+        alternatives = [(chosen, math.log(0.9))] + [(c, math.log(0.1 / len(rest))) for c in rest]
+        return ranked(chosen, [(chosen, math.log(0.9))], [alternatives])
+
+    return respond
+
+
+ORACLE = picks(lambda candidates, text: GOLD[text] if GOLD[text] in candidates else candidates[0])
+CARELESS = picks(lambda candidates, text: candidates[0])
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    return Encoder(cache_dir=tmp_path_factory.mktemp("embeddings"))
+
+
+def run(encoder: Encoder, server: FaultServer, tmp_path: Path, **config: Any):
+    llm = LLMAnnotator(LABELS, base_url=server.url, structured="grammar", cache_dir=tmp_path, concurrency=2)
+    pipeline = HCCPipeline(encoder, LABELS, llm=llm, config=HCCConfig(combine="pool", llm_views=("choice",),
+                                                                      **config))
+    pipeline.set_anchors([r["text"] for r in ANCHORS], [r["category"] for r in ANCHORS])
+    return pipeline, pipeline.annotate([r["text"] for r in TASKS])
+
+
+def accuracy(records: list[dict]) -> float:
+    return float(np.mean([rec["label"] == task["category"] for rec, task in zip(records, TASKS, strict=True)]))
+
+
+def test_a_strong_llm_is_followed_where_the_encoder_is_unsure(encoder, fault_server: FaultServer,
+                                                              tmp_path: Path) -> None:
+    fault_server.default = ORACLE
+    pipeline, result = run(encoder, fault_server, tmp_path)
+    evidence = result.report["combination"]
+    assert evidence["llm_adopted"] and evidence["weights"][1] > evidence["weights"][0]
+    encoder_accuracy = float(np.mean([r["encoder_label"] == t["category"] for r, t in zip(result.records, TASKS,
+                                                                                           strict=True)]))
+    assert accuracy(result.records) >= encoder_accuracy + 0.05
+    asked = [r for r in result.records if "llm_choice" in r]
+    assert 0 < len(asked) < len(TASKS)  # only where the encoder is unsure
+    assert fault_server.request_count == evidence["anchor_llm_questions"] + len(asked) <= 100 + len(asked)
+    assert {r["stage"] for r in asked} <= {"consistent", "combined"}
+    assert all(r["stage"] == "encoder_only" for r in result.records if "llm_choice" not in r)
+    for rec in asked:
+        assert rec["llm_choice_distribution"][rec["llm_choice"]] == pytest.approx(0.9, abs=1e-3)
+        assert rec["candidates"] == sorted(rec["candidates"], key=LABELS.index)
+        assert 0.0 <= rec["score"] <= 1.0
+
+
+def test_a_careless_llm_earns_no_weight_and_costs_no_item_question(encoder, fault_server: FaultServer,
+                                                                   tmp_path: Path) -> None:
+    fault_server.default = CARELESS
+    pipeline, result = run(encoder, fault_server, tmp_path)
+    evidence = result.report["combination"]
+    assert not evidence["llm_adopted"] and "did not earn" in evidence["message"]
+    assert fault_server.request_count == evidence["anchor_llm_questions"] > 0  # the anchors only
+    assert [r["label"] for r in result.records] == [r["encoder_label"] for r in result.records]
+    assert {r["stage"] for r in result.records} == {"encoder_only"}
+
+
+def test_a_rerun_replays_stored_answers_without_a_call(encoder, fault_server: FaultServer, tmp_path: Path) -> None:
+    from backend.labelling.pipeline import stored_answers
+
+    fault_server.default = ORACLE
+    pipeline, first = run(encoder, fault_server, tmp_path)
+    calls = fault_server.request_count
+    pipeline.set_anchors([r["text"] for r in ANCHORS[:-5]], [r["category"] for r in ANCHORS[:-5]])
+    replay = pipeline.annotate([r["text"] for r in TASKS], answers=stored_answers(first.records, ("choice",)))
+    assert fault_server.request_count == calls  # the re-vote kept the last pool and asked nothing
+    assert accuracy(replay.records) >= accuracy(first.records) - 0.02
+
+
+def test_a_label_without_anchors_is_predicted_from_its_name(encoder) -> None:
+    absent = "terminate_account"
+    anchors = [r for r in ANCHORS if r["category"] != absent]
+    pipeline = HCCPipeline(encoder, LABELS)
+    pipeline.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
+    assert absent in pipeline.classes_without_anchors()
+    texts = ["I want to terminate my account", "Please close my account"]
+    labels = [r["label"] for r in pipeline.annotate(texts).records]
+    assert labels == [absent, absent]
+    blind = HCCPipeline(encoder, LABELS, config=HCCConfig(label_prototypes=False))
+    blind.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
+    assert absent not in [r["label"] for r in blind.annotate(texts).records]
