@@ -557,6 +557,7 @@ class HCCPipeline:
         for pos, i in enumerate(active):
             rec = records[i]
             rec["score"] = round(float(outcome.probability[pos]), 4)
+            rec["score_kind"] = "probability"  # P(label is right) from the pool, not an agreement share
             if not outcome.asked[pos]:
                 continue
             rec["candidates"] = [name[int(c)] for c in outcome.candidates[pos] if c >= 0]

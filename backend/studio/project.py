@@ -97,10 +97,14 @@ def annotation_label(annotation: dict[str, Any], target: ChoicesTarget) -> str |
 def review_score(record: dict[str, Any]) -> float:
     """The prediction score Label Studio shows and sorts by.
 
-    Consistent items score in [0.5, 1] and inconsistent ones in [0, 0.5), so with the default threshold the
-    review tab holds exactly the items the views disagreed on, the least supported first.
+    A pooled run's score is the probability that the label is right, so with the default threshold the review
+    tab holds the items more likely wrong than right, the least likely first. In a DCCA run consistent items
+    score in [0.5, 1] and inconsistent ones in [0, 0.5): the tab holds exactly the items the views disagreed
+    on, the least supported first.
     """
     score = float(record.get("score") or 0.0)
+    if record.get("score_kind") == "probability":  # a pooled run: the score is already P(label is right)
+        return round(score, 4)
     if record.get("stage") in NOT_FLAGGED:
         return round(0.5 + 0.5 * score, 4)
     return round(min(0.5 * score, 0.4999), 4)

@@ -390,6 +390,16 @@ def test_the_pooled_default_labels_and_revotes_in_a_project(tmp_path: Path) -> N
     assert {r["stage"] for r in records.values()} == {"encoder_only"}
     assert all(r["label"] == r["encoder_label"] for r in records.values())
     assert all(0.0 < r["score"] <= 1.0 for r in records.values())
+    # before any review the tab holds the items more likely wrong than right: the score is a probability
+    project.settings.calibration = False
+    scores = project.scores(records)
+    assert all(scores.values[t] == r["score"] for t, r in records.items())
+    flagged = {t for t, r in records.items()
+               if project.prediction(t, r, scores.values[t], scores.threshold).needs_review}
+    assert flagged == {t for t, r in records.items() if r["score"] < 0.5}
+    doubtful = {"stage": "encoder_only", "score": 0.3, "score_kind": "probability", "label": "neutral"}
+    assert review_score(doubtful) == 0.3  # a DCCA record of that stage would score 0.65 and go unflagged
+    assert project.prediction(1, doubtful, review_score(doubtful), scores.threshold).needs_review
     calls = project.pipeline.llm.calls
     assert calls == 1  # the anchors' question; no item was asked
     project.revote(project.store.items())
