@@ -68,7 +68,13 @@ def main() -> None:
     ap.add_argument("--llm-model", default=DEFAULT_LLM_MODEL)
     ap.add_argument("--no-llm", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "views.json")
+    ap.add_argument("--report", nargs="*", type=Path, metavar="JSON",
+                    help="print the table of earlier results (these files, or --out) and run nothing")
     args = ap.parse_args()
+    if args.report is not None:
+        for path in args.report or [args.out]:
+            print(f"{path.name}:\n\n{markdown(json.loads(path.read_text()))}\n")
+        return
     if not args.no_llm and not args.llm_base_url:
         ap.error("give --llm-base-url (e.g. from `hcc llm serve`) or --no-llm")
     cache = cache_dir()
@@ -143,24 +149,47 @@ def questions_per_item(report: dict, config: HCCConfig, items: int) -> float:
     return (combination["anchor_llm_questions"] + combination["items_asked"] * len(config.llm_views)) / items
 
 
+def _mean_spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def markdown(results: dict) -> str:
+    """One row per data set and anchor budget: each configuration's accuracy over the draws, mean (min-max),
+    the default's paired gain over the encoder alone, and the paper's Llama-3-8B figures."""
     runs = results["runs"]
-    cells: dict[tuple, list] = {}
+    cells: dict[tuple[str, str], dict[str, dict[int, dict]]] = {}
+    zero_shot: dict[str, float] = {}
     for key, run in runs.items():
         parts = key.split("|")
         if len(parts) == 2:
-            cells.setdefault((parts[0], "-", "LLM zero-shot"), []).append(run)
+            zero_shot[parts[0]] = 100 * run["accuracy"]
             continue
-        name, budget, _draw, row, _encoder = parts
-        cells.setdefault((name, budget, row), []).append(run)
-    lines = ["| data set | anchors | row | draws | accuracy, mean (min-max) | LLM questions / item |",
-             "|---|---|---|---|---|---|"]
-    for (name, budget, row), group in sorted(cells.items()):
-        acc = [100 * r["accuracy"] for r in group]
-        spread = f"{statistics.mean(acc):.2f} ({min(acc):.2f}-{max(acc):.2f})" if len(acc) > 1 else f"{acc[0]:.2f}"
-        questions = [r.get("questions_per_item", 0.0) for r in group]
-        share = "-" if budget == "-" else f"{float(budget):.0%}"
-        lines.append(f"| {name} | {share} | {row} | {len(group)} | {spread} | {statistics.mean(questions):.2f} |")
+        name, budget, draw, row, _encoder = parts
+        cells.setdefault((name, budget), {}).setdefault(row, {})[int(draw)] = run
+    lines = ["| data set | anchors | draws | encoder alone | encoder, no label names | LLM zero-shot | paper recipe "
+             "(draw 0) | **default** | default - encoder (paired) | LLM adopted | LLM questions / item | "
+             "paper, Llama-3-8B: encoder / HCC |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, budget), rows in sorted(cells.items()):
+        acc = {row: [100 * r["accuracy"] for _, r in sorted(draws.items())] for row, draws in rows.items()}
+        default = rows.get("default", {})
+        paired = [100 * (default[d]["accuracy"] - rows["encoder"][d]["accuracy"]) for d in default
+                  if d in rows.get("encoder", {})]
+        adopted = [bool(r.get("combination", {}).get("llm_adopted")) for r in default.values()]
+        questions = [r.get("questions_per_item", 0.0) for r in default.values()]
+        paper = PAPER.get(name)
+        lines.append(
+            f"| {name} | {float(budget):.0%} | {len(acc.get('encoder', []))} | {_mean_spread(acc.get('encoder', []))} "
+            f"| {_mean_spread(acc.get('encoder, no label names', []))} "
+            f"| {f'{zero_shot[name]:.2f}' if name in zero_shot and default else '-'} "
+            f"| {_mean_spread(acc.get('paper recipe', []))} | **{_mean_spread(acc.get('default', []))}** "
+            f"| {f'{statistics.mean(paired):+.2f}' if paired else '-'} "
+            f"| {f'{sum(adopted)} of {len(adopted)}' if adopted else '-'} "
+            f"| {f'{statistics.mean(questions):.2f}' if questions else '-'} "
+            f"| {f'{paper[1]:.2f} / {paper[2]:.2f}' if paper and budget == '0.05' else '-'} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,15 @@
-"""HCC: heterogeneous consistency between an encoder and an LLM, and DCCA correction.
+"""HCC: heterogeneous views of each item (an encoder over the team's anchors, an LLM) and how they combine.
 
-Chen et al., "Verification and Co-Alignment via Heterogeneous Consistency for Preference-Aligned
-LLM Annotations", ICLR 2026. Each item gets
+The default (``combine="pool"``) makes every view earn its place on the anchors. Each anchor is classified
+by the anchors of the other folds, which fits the encoder's temperature; the LLM is asked about the anchors
+the encoder is unsure of, to choose among their best out-of-fold candidates; a log-linear pool of the views
+(:mod:`backend.labelling.combination`) is fitted on those answers and kept only if it predicts the held-out
+anchors' labels better than the encoder alone. Unlabelled items are then asked only where the encoder is
+unsure, and only if the LLM was kept; each gets the pooled label and the probability that it is right.
+Items where the views agree are ``consistent``, where they disagree ``combined``, the rest ``encoder_only``.
+
+The paper's recipe (``combine="dcca"``): Chen et al., "Verification and Co-Alignment via Heterogeneous
+Consistency for Preference-Aligned LLM Annotations", ICLR 2026. Each item gets
 labels from annotators that fail differently: the encoder's class-cluster label (k-NN over human
 anchors) and the LLM's zero-shot and hinted labels. Items where all agree form the consistent set C, the
 rest the inconsistent set I; CAI = |C| / (|I| + eps) is a reference-free reliability signal. DCCA
@@ -221,9 +229,9 @@ class HCCResult:
 
 
 class HCCPipeline:
-    """Encoder + LLM views -> consistency split -> DCCA, over plain texts and labels.
-
-    ``llm=None`` runs the encoder alone (stage ``encoder_only``).
+    """Encoder + LLM views -> pooled by the anchors' evidence (or consistency split -> DCCA), over plain texts
+    and labels. ``llm=None`` runs the encoder alone (stage ``encoder_only``). ``descriptions`` (label ->
+    text) join the labels' names wherever a label is embedded or shown; default: the LLM annotator's.
     """
 
     def __init__(self, encoder, labels: Sequence[str], *, llm=None, config: HCCConfig | None = None,
@@ -485,7 +493,9 @@ class HCCPipeline:
         ``answers`` maps each LLM view to earlier answers (``LLMAnswer``-like, one per text) to reuse
         instead of asking the LLM: re-voting after the anchors changed then costs no call. ``reference``
         is ``(vectors, label indices)`` of items trusted from earlier runs (e.g. consistent items of
-        previous batches); they join the DCCA reference set next to the anchors, not the class scores.
+        previous batches); they join the DCCA reference set next to the anchors, not the class scores
+        (``combine="dcca"`` only). A pooled re-vote with ``answers`` asks nothing: it keeps the views'
+        weights of the last run that could ask (:meth:`evidence`).
         """
         cfg = self.config
         timings: dict[str, float] = {}
