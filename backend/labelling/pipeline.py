@@ -361,10 +361,11 @@ class HCCPipeline:
         temperature_pool.fit(_finite_or_neg_inf(scores / ENCODER_TEMPERATURE)[:, :, None], truth)
         weight = float(temperature_pool.weights_[0]) if len(rows) >= 5 else 1.0
         evidence = Evidence(encoder_weight=weight, anchors=len(rows))
-        if self.llm is None or cfg.combine != "pool" or not cfg.llm_views:
+        if cfg.combine != "pool" or not cfg.llm_views:
             evidence.complete = True
-        elif not allow_llm:
+        elif not allow_llm or self.llm is None:  # a re-vote of stored answers: the last weights, if any
             evidence.pool = self._last_pool
+            evidence.complete = self.llm is None
         else:
             log_probs = _scaled_log_probs(scores, weight)
             confident = np.exp(log_probs.max(axis=1)) if len(rows) else np.zeros(0)
@@ -385,6 +386,25 @@ class HCCPipeline:
             log.info("%s", evidence.pool.message)
         self._evidence = evidence
         return evidence
+
+    def pool_state(self) -> dict[str, Any] | None:
+        """The views' weights of the last run that could ask the LLM, as plain data (None before one): what a
+        restarted process needs so that its re-votes, which never ask, combine the views as before."""
+        pool = self._last_pool
+        if pool is None:
+            return None
+        return {"adopted": pool.adopted, "weights": [float(w) for w in pool.weights], "gain": pool.gain,
+                "standard_error": pool.standard_error, "items": pool.items, "message": pool.message}
+
+    def restore_pool(self, state: dict[str, Any] | None) -> None:
+        """Take back :meth:`pool_state` (a state of another view set is ignored)."""
+        if not state or len(state.get("weights", ())) != 1 + len(self.config.llm_views):
+            return
+        self._last_pool = PoolFit(bool(state["adopted"]), np.asarray(state["weights"], dtype=np.float64),
+                                  float(state.get("gain", 0.0)), float(state.get("standard_error", 0.0)),
+                                  int(state.get("items", 0)), str(state.get("message", "")))
+        if self._evidence is not None and (self.llm is None or not self._evidence.complete):
+            self._evidence = None  # it was built without these weights (a run that asked keeps its own)
 
     def _anchors_to_ask(self, rows: np.ndarray, gated: np.ndarray, confident: np.ndarray) -> np.ndarray:
         """Positions (into ``rows``) of the anchors the LLM is asked about: the gated ones, a stable sample of

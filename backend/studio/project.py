@@ -130,6 +130,8 @@ class ProjectModel:
             )
         self.pipeline = HCCPipeline(encoder, list(target.labels), llm=llm, config=settings.hcc,
                                     second_encoder=second_encoder, descriptions=dict(target.descriptions or {}))
+        # The views' weights of the last full run: a re-vote after a restart combines them as before.
+        self.pipeline.restore_pool(self.store.get("pool"))
         self._revision = -1
         self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it
@@ -185,8 +187,11 @@ class ProjectModel:
         with self._lock:
             reference = self._reference(exclude=set(ids))
             result = self.pipeline.annotate(texts, progress=progress or False, reference=reference)
+            pool = self.pipeline.pool_state()
         records = dict(zip(ids, result.records, strict=True))
         self.store.put_items(records)
+        if pool is not None:
+            self.store.set("pool", pool)
         return records, errors
 
     def revote(self, records: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:

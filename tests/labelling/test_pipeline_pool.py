@@ -137,3 +137,23 @@ def test_a_label_without_anchors_is_predicted_from_its_name(encoder) -> None:
     blind = HCCPipeline(encoder, LABELS, config=HCCConfig(label_prototypes=False))
     blind.set_anchors([r["text"] for r in anchors], [r["category"] for r in anchors])
     assert absent not in [r["label"] for r in blind.annotate(texts).records]
+
+
+def test_a_restarted_pipeline_revotes_with_the_views_weights_it_had(encoder, fault_server: FaultServer,
+                                                                    tmp_path: Path) -> None:
+    from backend.labelling.pipeline import stored_answers
+
+    fault_server.default = ORACLE
+    first_pipeline, first = run(encoder, fault_server, tmp_path)
+    state = first_pipeline.pool_state()
+    assert state["adopted"] and len(state["weights"]) == 2
+    calls = fault_server.request_count
+    restarted = HCCPipeline(encoder, LABELS, config=HCCConfig(combine="pool", llm_views=("choice",)))
+    restarted.set_anchors([r["text"] for r in ANCHORS], [r["category"] for r in ANCHORS])
+    answers = stored_answers(first.records, ("choice",))
+    forgetful = restarted.annotate([r["text"] for r in TASKS], answers=answers)
+    assert {r["stage"] for r in forgetful.records} == {"encoder_only"}  # no weights: the stored answers unused
+    restarted.restore_pool(state)
+    again = restarted.annotate([r["text"] for r in TASKS], answers=answers)
+    assert [r["label"] for r in again.records] == [r["label"] for r in first.records]
+    assert fault_server.request_count == calls

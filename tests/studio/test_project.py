@@ -404,3 +404,15 @@ def test_the_pooled_default_labels_and_revotes_in_a_project(tmp_path: Path) -> N
     assert calls == 1  # the anchors' question; no item was asked
     project.revote(project.store.items())
     assert project.pipeline.llm.calls == calls
+
+
+def test_a_project_keeps_the_views_weights_across_a_restart(tmp_path: Path) -> None:
+    project = ProjectModel(8, TARGET, Settings(model_dir=tmp_path), AngleEncoder())
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    project.pipeline.llm = ScriptedLLM()
+    project.label(item_tasks())
+    saved = project.store.get("pool")
+    assert saved is not None and saved == project.pipeline.pool_state()
+    restarted = ProjectModel(8, TARGET, Settings(model_dir=tmp_path), AngleEncoder())
+    assert restarted.pipeline.pool_state() == saved
