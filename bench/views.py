@@ -186,7 +186,7 @@ def markdown(results: dict) -> str:
             f"| {_mean_spread(acc.get('encoder, no label names', []))} "
             f"| {f'{zero_shot[name]:.2f}' if name in zero_shot and default else '-'} "
             f"| {_mean_spread(acc.get('paper recipe', []))} | **{_mean_spread(acc.get('default', []))}** "
-            f"| {f'{statistics.mean(paired):+.2f}' if paired else '-'} "
+            f"| {f'{round(statistics.mean(paired), 2) + 0.0:+.2f}' if paired else '-'} "
             f"| {f'{sum(adopted)} of {len(adopted)}' if adopted else '-'} "
             f"| {f'{statistics.mean(questions):.2f}' if questions else '-'} "
             f"| {f'{paper[1]:.2f} / {paper[2]:.2f}' if paper and budget == '0.05' else '-'} |")
