@@ -203,7 +203,7 @@ def _wait_prelabel(backend_url: str, project_id: int, *, timeout: float) -> dict
             raise RuntimeError(f"pre-labelling failed: {job.get('error')}")
         last = status.get("last_run") or {}
         if job.get("state") == "done" and last.get("kind") == "prelabel" and status.get("pending_jobs") == 0:
-            return {"cai": last.get("cai"), "needs_review": last.get("needs_review"),
+            return {"cai": last.get("cai"), "views": last.get("views"), "needs_review": last.get("needs_review"),
                     "tasks_labelled": last.get("labelled"), "anchors": last.get("anchors"),
                     "stages": last.get("stages"), "seconds": last.get("seconds")}
         time.sleep(2)
@@ -235,6 +235,7 @@ Label Studio    {s['project_url']}
 backend         {s['backend']}  (status: {s['backend']}/status?project={s['project']})
 pre-labelled    {s.get('tasks_labelled')} tasks over {s.get('anchors')} anchors in {s.get('seconds')} s
 CAI             {cai}   stages: {s.get('stages')}
+views           {s.get('views') or 'encoder alone (no LLM)'}
 "Needs review"  {s.get('needs_review')} tasks (the tab is sorted lowest score first)
 accuracy        {accuracy} of the predictions against the gold labels kept in the task data
 """, flush=True)

@@ -285,9 +285,13 @@ class HCCService:
         for rec in records.values():
             stages[rec["stage"]] = stages.get(rec["stage"], 0) + 1
         n_cons = stages.get("consistent", 0)
+        # CAI over the items both views labelled: every item in a DCCA run, the ones the LLM was asked in a pool
+        answered = len(records) if model.settings.hcc.combine == "dcca" else n_cons + stages.get("combined", 0)
+        views = (model.pipeline.pool_state() or {}).get("message")
         return {"tasks": len(tasks), "labelled": len(records), "errors": list(errors.values())[:20],
                 "n_errors": len(errors), "anchors": len(store.anchors()), "stages": stages,
-                "cai": round(n_cons / (len(records) - n_cons + 1e-6), 4) if model.has_llm else None,
+                "cai": round(n_cons / (answered - n_cons + 1e-6), 4) if model.has_llm and answered else None,
+                "views": views,
                 "needs_review": written["needs_review"], "predictions_written": written["written"],
                 "review_threshold": written["threshold"], "scores": written["scores"]}
 

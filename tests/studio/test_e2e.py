@@ -113,7 +113,9 @@ def test_import_prelabels_every_unlabelled_task(world):
     last = _status(world)["last_run"]
     assert "no reviewed items yet" in last["scores"]  # calibrated score: the documented prior until reviews
     assert last["anchors"] == world["n_anchors"]
-    assert last["labelled"] == world["n_tasks"] and last["cai"] is not None
+    assert last["labelled"] == world["n_tasks"] and last["views"]  # what the anchors showed of the LLM
+    answered = last["stages"].get("consistent", 0) + last["stages"].get("combined", 0)
+    assert (last["cai"] is None) == (answered == 0)
 
 
 def test_review_tab_holds_the_flagged_tasks_lowest_score_first(world):
