@@ -17,6 +17,7 @@ from backend import data
 from backend.labelling.encoder import DEFAULT_ENCODER, Encoder
 from backend.labelling.llm import LLMAnnotator
 from backend.labelling.pipeline import HCCConfig, HCCPipeline
+from backend.labelling.training import TrainingConfig, TrainingResult, train_encoder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class AnnotateOptions:
     cache_dir: Path | None = None
     progress: bool = True
     hcc: HCCConfig = field(default_factory=HCCConfig)
+    train: bool = True  # fit the encoder to the anchors where they suffice (backend/labelling/training.py)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
 def load_inputs(unlabeled: str | Path, anchors: str | Path, opts: AnnotateOptions):
@@ -62,10 +65,23 @@ def load_inputs(unlabeled: str | Path, anchors: str | Path, opts: AnnotateOption
     return table, ids, picked, label_set, descriptions
 
 
-def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: dict[str, str] | None = None
-                   ) -> HCCPipeline:
+def train_for(anchor_texts: list[str], anchor_labels: list[str], opts: AnnotateOptions) -> TrainingResult | None:
+    """Fit the encoder to the anchors (None when training is off); the result says whether it was adopted."""
+    if not opts.train:
+        return None
+    trained_dir = Path(opts.cache_dir) / "trained" if opts.cache_dir else None
+    result = train_encoder(opts.encoder, anchor_texts, anchor_labels, trained_dir=trained_dir,
+                           config=opts.training, progress=opts.progress)
+    if opts.progress:
+        print(f"training: {result.reason}{' (reused)' if result.reused else ''}", file=sys.stderr)
+    return result
+
+
+def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: dict[str, str] | None = None,
+                   *, encoder_model: str | None = None) -> HCCPipeline:
+    """The pipeline of ``opts``; ``encoder_model`` (a trained encoder's directory) replaces ``opts.encoder``."""
     cache = Path(opts.cache_dir) if opts.cache_dir else None
-    encoder = Encoder(opts.encoder, cache_dir=cache / "embeddings" if cache else None,
+    encoder = Encoder(encoder_model or opts.encoder, cache_dir=cache / "embeddings" if cache else None,
                       show_progress=opts.progress or None, precision=opts.encoder_precision)
     second = None
     if opts.second_encoder:
@@ -88,7 +104,9 @@ def build_pipeline(label_set: list[str], opts: AnnotateOptions, descriptions: di
 def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, opts: AnnotateOptions,
                    *, report_path: str | Path | None = None) -> dict[str, Any]:
     table, ids, picked, label_set, descriptions = load_inputs(unlabeled, anchors, opts)
-    pipeline = build_pipeline(label_set, opts, descriptions)
+    training = train_for(picked.texts, picked.labels, opts)
+    trained_model = training.model_path if training is not None and training.adopted else None
+    pipeline = build_pipeline(label_set, opts, descriptions, encoder_model=trained_model)
     pipeline.set_anchors(picked.texts, picked.labels)
     for label in pipeline.classes_without_anchors():
         print(f"warning: label {label!r} has no anchors; the encoder can never predict it", file=sys.stderr)
@@ -109,6 +127,8 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
             rec["problems"] = problems_by_row[number]
     write_jsonl(out, result.records)
     report = dict(result.report, anchors_used=len(picked.ids), problems=len(table.problems))
+    if training is not None:
+        report["training"] = training.as_dict()
     if report_path:
         write_json(report_path, report)
     return report

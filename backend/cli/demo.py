@@ -92,7 +92,7 @@ def _pct(value: float | None) -> str:
 
 
 def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_model: str | None,
-             llm_base_url: str | None, cache_dir: Path, hcc: HCCConfig) -> dict[str, Any]:
+             llm_base_url: str | None, cache_dir: Path, hcc: HCCConfig, train: bool = True) -> dict[str, Any]:
     anchors, tasks, source = prepare(workdir, items=items, anchor_share=anchor_share, seed=seed)
     print(f"demo data: {source}", file=sys.stderr)
     server = None
@@ -106,7 +106,7 @@ def run_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_m
         # The embedded server is llama.cpp: a grammar over the labels is its fastest exact constraint.
         structured = "grammar" if server is not None else "auto"
         opts = job.AnnotateOptions(llm_base_url=llm_base_url, llm_model=llm_model or "local",
-                                   cache_dir=cache_dir, hcc=hcc, structured=structured)
+                                   cache_dir=cache_dir, hcc=hcc, structured=structured, train=train)
         out = workdir / "annotations.jsonl"
         report = job.annotate_files(tasks, anchors, out, opts, report_path=workdir / "report.json")
     finally:

@@ -1,4 +1,4 @@
-"""``hcc``: the command line of label-studio-hcc (annotate, evaluate, calibrate, annotators, export-preferences,
+"""``hcc``: the command line of label-studio-hcc (annotate, train, evaluate, calibrate, annotators, export-preferences,
 demo, llm pull/serve)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from backend.labelling.anchors import CLASSIFIERS
 from backend.labelling.encoder import DEFAULT_ENCODER, PRECISIONS
 from backend.labelling.llm import STRUCTURED_MODES
 from backend.labelling.pipeline import COMBINERS, UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
+from backend.labelling.training import LOSSES, TrainingConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
@@ -76,6 +77,27 @@ def _hcc_config(args: argparse.Namespace) -> HCCConfig:
                      anchor_llm_cap=args.anchor_llm_cap, label_prototypes=not args.no_label_names)
 
 
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training the encoder on the anchors")
+    g.add_argument("--train-epochs", type=int, default=TrainingConfig.epochs, help="passes over the anchors")
+    g.add_argument("--train-max-steps", type=int, default=TrainingConfig.max_steps,
+                   help="optimiser steps at most, whatever the number of anchors (bounds the time)")
+    g.add_argument("--train-layers", type=int, default=TrainingConfig.top_layers,
+                   help="transformer layers trained, from the top (0: all; more is slower)")
+    g.add_argument("--train-loss", default=TrainingConfig.loss, choices=LOSSES,
+                   help="prototype: cosine softmax over label prototypes; pairs: same-label pairs, in-batch negatives")
+    g.add_argument("--train-holdout", type=float, default=TrainingConfig.holdout,
+                   help="share of the anchors held out to decide whether the trained encoder is adopted")
+    g.add_argument("--train-seed", type=int, default=TrainingConfig.seed)
+
+
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
+    config = TrainingConfig(loss=args.train_loss, epochs=args.train_epochs, max_steps=args.train_max_steps,
+                            top_layers=args.train_layers, holdout=args.train_holdout, seed=args.train_seed)
+    config.validate()
+    return config
+
+
 def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> None:
     g = p.add_argument_group("LLM")
     g.add_argument("--llm-base-url", default=default_url,
@@ -130,8 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the run report (JSON) here too")
     p.add_argument("--no-llm", action="store_true", help="encoder only (stage encoder_only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-train", action="store_true",
+                   help="use the encoder as it is; by default it is first fitted to the anchors and used only when "
+                        "that beats it on held-out anchors (a re-run reuses the trained model)")
     _add_llm_options(p, default_url=os.environ.get("HCC_LLM_BASE_URL"))
     _add_hcc_options(p)
+    _add_training_options(p)
+
+    p = sub.add_parser("train", help="fit the encoder to labelled texts; kept only if it beats the frozen one on "
+                                     "held-out anchors")
+    p.add_argument("--anchors", required=True, help="CSV or JSONL of human-labelled texts")
+    p.add_argument("--out", required=True, type=Path, help="directory of the trained sentence-transformers model")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="the encoder to start from")
+    p.add_argument("--labels", help="label set (as for annotate); anchors with other labels are dropped")
+    p.add_argument("--text-field")
+    p.add_argument("--label-field")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_training_options(p)
 
     p = sub.add_parser("evaluate", help="accuracy of an annotate output against gold labels")
     p.add_argument("--pred", required=True)
@@ -153,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_LLM_MODEL, help="embedded LLM (see `hcc llm list`)")
     p.add_argument("--llm-base-url", help="use this OpenAI-compatible server instead of the embedded LLM")
     p.add_argument("--no-llm", action="store_true")
+    p.add_argument("--no-train", action="store_true",
+                   help="--offline: use the encoder as it is (by default it is first fitted to the anchors)")
     p.add_argument("--workdir", type=Path, default=None, help="default: runs/demo (runs/demo-offline)")
     _add_hcc_options(p)
 
@@ -199,11 +238,32 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         llm_concurrency=args.llm_concurrency, llm_timeout=args.llm_timeout,
         logprobs=args.logprobs and not args.no_logprobs, choice_logprobs=False if args.no_logprobs else None,
         structured=args.structured, seed=args.seed, cache_dir=args.cache_dir or cache_dir(),
-        progress=not args.quiet, hcc=hcc,
+        progress=not args.quiet, hcc=hcc, train=not args.no_train, training=_training_config(args),
     )
     opts.self_consistency = args.self_consistency
     report = annotate_files(args.unlabeled, args.anchors, args.out, opts, report_path=args.report)
     print(json.dumps(report))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train and write the model to --out; the result (also in --out/hcc_training.json) on stdout. Exit 0
+    whether or not it was adopted: a frozen encoder that stays better is an answer, not an error."""
+    from backend import data
+    from backend.labelling.training import train_encoder
+
+    label_set = list(data.read_label_file(args.labels)) if args.labels else None
+    table = data.read_table(args.anchors, text_field=args.text_field, label_field=args.label_field,
+                            require_label=True)
+    picked, _ = data.select_anchors(table, label_set)
+    for problem in table.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not picked.ids:
+        raise data.DataError(f"{args.anchors}: no usable anchor rows (every row was empty or unlabelled)")
+    result = train_encoder(args.encoder, picked.texts, picked.labels, model_dir=args.out,
+                           config=_training_config(args), progress=not args.quiet)
+    print(f"training: {result.reason}{' (reused)' if result.reused else ''}", file=sys.stderr)
+    print(json.dumps(result.as_dict()))
     return 0
 
 
@@ -234,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(workdir=args.workdir or Path("runs/demo-offline"), items=args.items, anchor_share=args.anchor_share,
              seed=args.seed,
              llm_model=None if args.no_llm else args.model, llm_base_url=args.llm_base_url,
-             cache_dir=args.cache_dir or cache_dir(), hcc=_hcc_config(args))
+             cache_dir=args.cache_dir or cache_dir(), hcc=_hcc_config(args), train=not args.no_train)
     return 0
 
 
@@ -275,7 +335,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"annotate": cmd_annotate, "evaluate": cmd_evaluate, "demo": cmd_demo, "llm": cmd_llm,
+COMMANDS = {"annotate": cmd_annotate, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "llm": cmd_llm,
             "encoder": cmd_encoder,
             "annotators": cli_comparison.cmd_annotators,
             "export-preferences": cli_comparison.cmd_export_preferences,
@@ -288,11 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     from backend.data import DataError
     from backend.labelling.encoder import EncoderError
     from backend.labelling.llm import LLMError
+    from backend.labelling.training import TrainingError
     from backend.models.encoder_models import EncoderModelError
 
     try:
         return COMMANDS[args.command](args)
-    except (DataError, EncoderError, EncoderModelError, ValueError) as exc:
+    except (DataError, EncoderError, EncoderModelError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except LLMError as exc:

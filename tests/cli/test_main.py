@@ -164,7 +164,7 @@ def test_annotate_by_the_papers_recipe_with_a_real_llm_server_then_rerun_from_ca
 
 
 def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
-    proc = run_hcc("demo", "--offline", "--no-llm", "--items", "30", "--workdir", "run", cwd=tmp_path)
+    proc = run_hcc("demo", "--offline", "--no-llm", "--no-train", "--items", "30", "--workdir", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "encoder (anchors)" in proc.stdout and "stage encoder_only" in proc.stdout
     assert len((tmp_path / "run" / "annotations.jsonl").read_text().splitlines()) == 30
@@ -173,7 +173,7 @@ def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
 @pytest.mark.llm
 def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
     proc = run_hcc("demo", "--offline", "--items", "8", "--workdir", "run", "--llm-base-url", llm_server,
-                   cwd=tmp_path)
+                   "--no-train", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for line in ("encoder (anchors)", "HCC final", "views: "):  # the views' verdict, whatever SmolLM earns
         assert line in proc.stdout
@@ -266,7 +266,7 @@ def test_annotate_rescales_the_prior_where_the_anchors_show_the_encoder_guessing
     outputs = {}
     for flag in ([], ["--packaged-prior"]):
         proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
-                       "--no-llm", *flag, cwd=tmp_path)
+                       "--no-llm", "--no-train", *flag, cwd=tmp_path)  # the prior of the frozen encoder
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -298,3 +298,47 @@ def test_annotate_with_a_second_encoder_adds_its_signals(files: Path) -> None:
                       env_extra={"HCC_CACHE_DIR": str(files / "empty-cache")})
     assert missing.returncode != 0 and "hcc encoder pull all-mpnet-base-v2" in missing.stderr
     assert not (files / "out2.jsonl").exists()
+
+
+def _write_labelled(path: Path, texts: list[str], labels: list[str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(texts, labels, strict=True))
+
+
+def test_train_writes_an_adopted_model_and_annotate_trains_by_default(tmp_path: Path) -> None:
+    from tests.synthetic_text import misleading_set
+
+    _write_labelled(tmp_path / "anchors.csv", *misleading_set(15, seed=0))
+    texts, labels = misleading_set(5, seed=9)
+    _write_labelled(tmp_path / "tasks.csv", texts, labels)
+    proc = run_hcc("train", "--anchors", "anchors.csv", "--out", "model", "--train-max-steps", "16", "--quiet",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["adopted"] and result["model_path"] == str((tmp_path / "model").resolve())
+    assert "adopted: the trained encoder classifies" in proc.stderr
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "hcc_training.json").is_file()
+
+    runs = {}
+    for flags in ([], ["--no-train"]):
+        proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                       "--no-llm", "--quiet", "--train-max-steps", "16", *flags, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        runs[bool(flags)] = (report, np.mean([r["label"] == lab for r, lab in zip(out, labels, strict=True)]))
+    trained, frozen = runs[False], runs[True]
+    assert trained[0]["training"]["adopted"] and "training" not in frozen[0]
+    assert trained[1] > frozen[1], (trained[1], frozen[1])  # the texts are built to mislead the frozen encoder
+
+
+def test_train_refuses_bad_settings_and_reports_too_few_anchors(files: Path) -> None:
+    proc = run_hcc("train", "--anchors", "anchors.csv", "--out", "m", "--train-holdout", "2", cwd=files)
+    assert proc.returncode == 2 and "holdout must be a share in (0, 1)" in proc.stderr
+    proc = run_hcc("train", "--anchors", "anchors.csv", "--out", "m", "--quiet", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["adopted"] and "not trained" in result["reason"]
+    assert "row 8, field 'text'" in proc.stderr  # the anchors' row problems are reported as in annotate
