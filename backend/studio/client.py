@@ -117,6 +117,17 @@ class StudioClient:
                        result=pred["result"], score=pred["score"])
         self._parallel(one, list(updates.items()))
 
+    def delete_predictions(self, prediction_ids: list[int]) -> None:
+        """Delete predictions by id, concurrently; one already gone is not an error."""
+        def one(pid):
+            try:
+                self._sdk.predictions.delete(id=pid)
+            except Exception as exc:
+                if getattr(exc, "status_code", None) == 404:
+                    return
+                raise _explain(exc, self.url, f"delete prediction {pid}") from exc
+        self._parallel(one, list(prediction_ids))
+
     def update_meta(self, metas: dict[int, dict[str, Any]], *, merge: bool = False) -> None:
         """task id -> the task's new meta (merged into the current one when ``merge``); sent concurrently."""
         def one(item):

@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def project_lock(directory: Path):
+def project_lock(directory: Path, name: str = "job"):
+    """An exclusive lock on ``directory/<name>.lock``, held across processes (gunicorn workers)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "job.lock", "w") as handle:
+    with open(directory / f"{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from backend.confidence.calibration import Calibrator, fit_calibrator, threshold_for_precision
 from backend.data import MAX_TEXT_CHARS
+from backend.labelling.encoder import Encoder
 from backend.labelling.llm import LLMAnnotator
 from backend.labelling.pipeline import HCCPipeline, stored_answers
+from backend.labelling.training import TrainingResult
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
@@ -135,14 +139,54 @@ class ProjectModel:
         self._revision = -1
         self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it
+        self.trained: dict[str, Any] | None = None  # the adopted trained encoder ({key, model_path, ...})
+        self._use_stored_encoder()
 
     @property
     def has_llm(self) -> bool:
         return self.pipeline.llm is not None
 
+    # -- the encoder: the shared one, or the one trained on this project's anchors --------------------------
+    @property
+    def model_version(self) -> str:
+        """The configuration's version, plus the trained encoder's key once one was adopted: Label Studio
+        then tells the trained model's predictions from the frozen one's."""
+        base = self.settings.model_version
+        return f"{base}-t{self.trained['key'][:8]}" if self.trained else base
+
+    def _use_stored_encoder(self) -> None:
+        """After a restart: the encoder this project adopted, if its directory is still there."""
+        trained = self.store.get("encoder")
+        if not trained:
+            return
+        if not trained.get("model_path") or not Path(trained["model_path"]).is_dir():
+            log.warning("project %s: the trained encoder %s is gone; using %s until the next training",
+                        self.project_id, trained.get("model_path"), self.settings.encoder)
+            return
+        self._swap_encoder(trained)
+
+    def adopt(self, result: TrainingResult) -> None:
+        """Use a trained encoder from now on (kept across restarts in the project's store)."""
+        trained = {"key": result.key, "model_path": result.model_path, "base_model": result.base_model,
+                   "anchors": result.anchors, "adopted_at": time.time()}
+        self.store.set("encoder", trained)
+        self._swap_encoder(trained)
+
+    def _swap_encoder(self, trained: dict[str, Any]) -> None:
+        encoder = Encoder(trained["model_path"], cache_dir=self.settings.cache_dir / "embeddings",
+                          precision=self.settings.encoder_precision)
+        with self._lock:
+            self.pipeline.encoder = encoder
+            self.trained = trained
+            self._revision = -1  # the anchors are re-embedded by the new encoder on next use
+
     # -- anchors -----------------------------------------------------------------------------------
     def refresh_anchors(self) -> None:
-        """Rebuild the in-memory anchors when another thread or worker changed them in the store."""
+        """Rebuild the in-memory anchors when another thread or worker changed them (or the encoder) in the
+        store."""
+        trained = self.store.get("encoder")
+        if (trained or {}).get("key") != (self.trained or {}).get("key"):
+            self._use_stored_encoder()  # another worker adopted a trained encoder
         revision = self.store.revision()
         if revision == self._revision:
             return

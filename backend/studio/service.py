@@ -3,9 +3,14 @@
 - ``/predict`` labels a batch of tasks at once (one encoder batch, concurrent LLM calls) and answers one
   prediction per task; a task with bad data gets an empty prediction carrying the error, the others are
   predicted.
-- ``TASKS_CREATED`` and ``START_TRAINING`` queue a *pre-label* job: rebuild the anchors from every
-  annotation in the project, run the whole pipeline over the unlabelled tasks, write the predictions, then
-  switch the project's ``model_version`` to theirs, write task meta and create the review tab.
+- ``TASKS_CREATED`` queues a *pre-label* job: rebuild the anchors from every annotation in the project, run
+  the whole pipeline over the unlabelled tasks, write the predictions, then switch the project's
+  ``model_version`` to theirs, write task meta and create the review tab.
+- ``START_TRAINING`` (and every ``HCC_TRAIN_EVERY`` new annotations) queues a *training* job on its own
+  worker: the encoder is fitted to the anchors (:mod:`backend.labelling.training`) while the current model
+  keeps serving; when the trained encoder beats the frozen one on held-out anchors it is adopted, under a new
+  ``model_version``, and a pre-label job re-writes every prediction with it, then deletes the old version's.
+  Without an adoption the pre-label runs with the current encoder, as *Start training* always did.
 - ``ANNOTATION_CREATED/UPDATED`` and ``ANNOTATIONS_DELETED`` change the anchors at once (well inside the
   1 s webhook timeout) and queue a *re-vote* job that re-runs DCCA with the stored LLM answers and updates
   the predictions whose label or score changed.
@@ -19,8 +24,9 @@ import time
 from typing import Any
 
 from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
+from backend.labelling.training import TrainingError, train_encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
-from backend.studio.jobs import JobQueue, run_recorded
+from backend.studio.jobs import JobQueue, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
 from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text
 from backend.studio.settings import Settings
@@ -29,7 +35,8 @@ from backend.studio.store import Anchor, ProjectStore
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-PRELABEL_EVENTS = ("TASKS_CREATED", "START_TRAINING")
+PRELABEL_EVENTS = ("TASKS_CREATED",)
+TRAINING_EVENTS = ("START_TRAINING",)
 
 
 def pairwise_target(label_config: str) -> PairwiseTarget | None:
@@ -64,6 +71,7 @@ class HCCService:
         self._lock = threading.Lock()
         self._setup_credentials: tuple[str, str] | None = None  # hostname and token /setup sent, in memory only
         self.jobs = JobQueue()
+        self.training_jobs = JobQueue("hcc-training")  # minutes long: re-votes must not wait behind it
         self._health: dict[str, Any] = {"checked": 0.0}
 
     # -- shared parts ------------------------------------------------------------------------------
@@ -148,8 +156,8 @@ class HCCService:
         if payload.get("hostname") and payload.get("access_token"):
             self._setup_credentials = (payload["hostname"], payload["access_token"])
         project_id = project_id_of(payload.get("project"))
-        self.model(project_id, payload.get("schema") or "")  # validates the config: a bad one fails /setup
-        return {"model_version": self.settings.model_version}
+        model = self.model(project_id, payload.get("schema") or "")  # validates the config: a bad one fails
+        return {"model_version": getattr(model, "model_version", self.settings.model_version)}
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
@@ -160,6 +168,7 @@ class HCCService:
         self._ensure_anchors(model)
         records, errors = model.label(tasks)
         scores = model.batch_scores(records)
+        version = model.model_version
         results = []
         for task in tasks:
             task_id = int(task.get("id", -1))
@@ -167,11 +176,10 @@ class HCCService:
             if record is None or record.get("label") is None:
                 error = errors.get(task_id) or f"task {task_id}: no label (no anchors yet and no valid LLM answer)"
                 log.warning("predict: %s", error)
-                results.append({"result": [], "score": 0.0, "model_version": self.settings.model_version,
-                                "error": error})
+                results.append({"result": [], "score": 0.0, "model_version": version, "error": error})
                 continue
             pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
-            results.append({"result": pred.result, "score": pred.score, "model_version": self.settings.model_version})
+            results.append({"result": pred.result, "score": pred.score, "model_version": version})
         return results
 
     def _ensure_anchors(self, model: ProjectModel) -> None:
@@ -210,7 +218,10 @@ class HCCService:
             if removed:
                 self.queue_revote(model)
             return {"status": "ok", "anchors_removed": len(removed)}
-        if action in PRELABEL_EVENTS:
+        if action in TRAINING_EVENTS and self.settings.train:
+            queued = self.queue_training(model)
+            return {"status": "queued" if queued else "merged", "job": "training"}
+        if action in PRELABEL_EVENTS + TRAINING_EVENTS:
             if action == "TASKS_CREATED" and not self.settings.prelabel_on_import:
                 return {"status": "ignored", "reason": "HCC_PRELABEL_ON_IMPORT is off"}
             queued = self.queue_prelabel(model)
@@ -234,7 +245,17 @@ class HCCService:
             return {"status": "ignored", "reason": str(exc)}
         model.store.put_anchor(Anchor(int(annotation["id"]), int(task.get("id", annotation.get("task"))), text, label))
         self.queue_revote(model)
+        self._maybe_train(model)
         return {"status": "ok", "anchor": label}
+
+    def _maybe_train(self, model: ProjectModel) -> None:
+        """Queue a training once ``HCC_TRAIN_EVERY`` anchors were added since the last one started."""
+        every = self.settings.train_every
+        if not self.settings.train or every <= 0:
+            return
+        since = model.store.get("training", {}).get("anchors_at_start", 0)
+        if model.store.anchor_count() - since >= every:
+            self.queue_training(model)
 
     # -- jobs --------------------------------------------------------------------------------------
     def queue_prelabel(self, model: ProjectModel) -> bool:
@@ -244,6 +265,13 @@ class HCCService:
         return self.jobs.submit(f"prelabel:{model.project_id}", lambda: self._run_job(model, "prelabel"),
                                 on_queued=mark)
 
+    def queue_training(self, model: ProjectModel) -> bool:
+        def mark() -> None:
+            if model.store.get("training", {}).get("state") != "running":
+                model.store.update("training", state="queued", queued=time.time())
+        return self.training_jobs.submit(f"train:{model.project_id}", lambda: self._run_training(model),
+                                         on_queued=mark)
+
     def queue_revote(self, model: ProjectModel) -> bool:
         return self.jobs.submit(f"revote:{model.project_id}", lambda: self._run_job(model, "revote"))
 
@@ -252,9 +280,12 @@ class HCCService:
         if store.get("kind") == "pairwise":
             return {"project": project_id, "kind": "pairwise", "job": store.get("job", {}),
                     "annotators": store.get("annotators_summary", {}), "pending_jobs": self.jobs.pending()}
-        return {"project": project_id, "model_version": self.settings.model_version,
-                "anchors": len(store.anchors()), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
-                "pending_jobs": self.jobs.pending()}
+        trained = store.get("encoder")
+        version = self.settings.model_version + (f"-t{trained['key'][:8]}" if trained else "")
+        return {"project": project_id, "model_version": version,
+                "anchors": store.anchor_count(), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
+                "training": store.get("training", {}), "encoder": (trained or {}).get("model_path") or
+                self.settings.encoder, "pending_jobs": self.jobs.pending() + self.training_jobs.pending()}
 
     def _run_job(self, model: ProjectModel, kind: str) -> None:
         work = (lambda: self.prelabel(model)) if kind == "prelabel" else (lambda: self.revote(model))
@@ -263,6 +294,42 @@ class HCCService:
         if summary is not None:
             model.store.update("job", state="done", step="done", finished=time.time())
             model.store.set("last_run", {"kind": kind, **summary})
+
+    def _run_training(self, model: ProjectModel) -> None:
+        """Train under the project's training lock (not its job lock: re-votes and pre-labels go on meanwhile)."""
+        store = model.store
+        with project_lock(store.directory, "training"):
+            anchors = store.anchors()
+            store.update("training", state="running", started=time.time(), finished=None, step="training",
+                         done=0, total=0, error=None, anchors_at_start=len(anchors))
+            try:
+                result = train_encoder(self.settings.encoder, [a.text for a in anchors], [a.label for a in anchors],
+                                       trained_dir=self.settings.cache_dir / "trained",
+                                       config=self.settings.training, progress=self._training_progress(store))
+            except TrainingError as exc:
+                log.error("training of project %s failed: %s", model.project_id, exc)
+                store.update("training", state="failed", error=str(exc), finished=time.time())
+                return
+            except Exception as exc:  # the current model keeps serving; the failure is on /status
+                log.exception("training of project %s failed", model.project_id)
+                store.update("training", state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+                return
+            changed = result.adopted and (model.trained or {}).get("key") != result.key
+            if changed:
+                model.adopt(result)
+            store.update("training", state="done", step="done", finished=time.time(), result=result.as_dict(),
+                         model_version=model.model_version)
+            log.info("project %s: training %s", model.project_id, result.reason)
+        self.queue_prelabel(model)  # re-label with the adopted encoder, or as Start training always did
+
+    def _training_progress(self, store: ProjectStore):
+        last = [0.0]
+
+        def tick(step: int, total: int) -> None:
+            if time.time() - last[0] > 1.0 or step == total:
+                last[0] = time.time()
+                store.update("training", done=step, total=total)
+        return tick
 
     def prelabel(self, model: ProjectModel) -> dict[str, Any]:
         """The whole pipeline over the project's unlabelled tasks (both DCCA rounds), written to Label Studio."""
@@ -322,9 +389,9 @@ class HCCService:
     def _write(self, model: ProjectModel, client: StudioClient, records: dict[int, dict],
                tasks: dict[int, dict] | None) -> dict[str, int]:
         """Create or update predictions whose content changed, switch model_version, meta, review tab."""
-        store, version = model.store, self.settings.model_version
+        store, version = model.store, model.model_version
         known = store.written()
-        new, updates, metas, marks = [], {}, {}, {}
+        new, updates, metas, marks, stale = [], {}, {}, {}, []
         needs_review = 0
         scores = model.scores(records)
         for task_id, record in records.items():
@@ -333,10 +400,15 @@ class HCCService:
             pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
             needs_review += pred.needs_review
             pid, before = known.get(task_id, (None, None))
+            written = {**pred.written(), "model_version": version}
+            if before is not None and before.get("model_version", self.settings.model_version) != version:
+                if pid is not None:  # another model's prediction: replaced by a new one, deleted once it exists
+                    stale.append(pid)
+                pid, before = None, None
             if pid is None:  # e.g. Label Studio stored it from a /predict answer
                 pid = _our_prediction(tasks.get(task_id), version) if tasks is not None else \
                     client.prediction_id(task_id, version)
-            if before == pred.written() and pid is not None:
+            if before == written and pid is not None:
                 continue
             if pid is None:
                 new.append({"task": task_id, "result": pred.result, "score": pred.score, "model_version": version})
@@ -344,7 +416,7 @@ class HCCService:
                 updates[pid] = {"result": pred.result, "score": pred.score}
             old_meta = (tasks or {}).get(task_id, {}).get("meta") or {}
             metas[task_id] = {**old_meta, **pred.meta(record)}
-            marks[task_id] = (pid, pred.written())
+            marks[task_id] = (pid, written)
         store.update("job", step="writing predictions", done=0, total=len(new) + len(updates))
         client.import_predictions(model.project_id, new)
         client.update_predictions(updates)
@@ -356,6 +428,9 @@ class HCCService:
         if new or updates:
             client.set_model_version(model.project_id, version)
             client.ensure_review_tab(model.project_id, threshold=scores.threshold)
+        if stale:  # only now that their replacements are written and shown
+            store.update("job", step="deleting the previous model's predictions", done=0, total=len(stale))
+            client.delete_predictions(stale)
         store.update("job", step="writing task meta", done=0, total=len(metas))
         client.update_meta(metas, merge=tasks is None)  # without a fresh listing, keep others' meta keys
         return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,

@@ -22,6 +22,9 @@
 | ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
 | ``HCC_REVIEW_THRESHOLD`` | flag threshold when calibration is off | ``0.5`` |
 | ``HCC_PRELABEL_ON_IMPORT`` | run the pipeline when tasks are imported | ``1`` |
+| ``HCC_TRAIN`` | *Start training* fits the encoder to the anchors, then re-labels (``0``: re-labels only) | ``1`` |
+| ``HCC_TRAIN_EVERY`` | new annotations since the last training that queue one (``0``: *Start training*) | ``100`` |
+| ``HCC_TRAIN_MAX_STEPS`` | optimiser steps of one training at most (bounds its time) | ``400`` |
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from backend import __version__
 from backend.labelling.anchors import CLASSIFIERS
 from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
 from backend.labelling.pipeline import COMBINERS, HCCConfig
+from backend.labelling.training import TrainingConfig
 
 
 def _flag(name: str, default: bool | None) -> bool | None:
@@ -43,6 +47,19 @@ def _flag(name: str, default: bool | None) -> bool | None:
     if value is None or value == "":
         return default
     return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _int(name: str, default: int, *, minimum: int) -> int:
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {number}")
+    return number
 
 
 @dataclass
@@ -66,6 +83,9 @@ class Settings:
     calibration: bool = True
     target_precision: float = 0.95
     prelabel_on_import: bool = True
+    train: bool = True
+    train_every: int = 100
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     hcc: HCCConfig = field(default_factory=HCCConfig)
 
     @classmethod
@@ -91,6 +111,9 @@ class Settings:
             calibration=_flag("HCC_CALIBRATION", True),
             target_precision=float(env("HCC_TARGET_PRECISION", "") or 0.95),
             prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
+            train=_flag("HCC_TRAIN", True),
+            train_every=_int("HCC_TRAIN_EVERY", 100, minimum=0),
+            training=TrainingConfig(max_steps=_int("HCC_TRAIN_MAX_STEPS", TrainingConfig.max_steps, minimum=1)),
             hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool"),
         )
 

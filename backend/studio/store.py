@@ -139,6 +139,9 @@ class ProjectStore:
         rows = self._db().execute("SELECT annotation_id, task_id, text, label FROM anchors ORDER BY annotation_id")
         return [Anchor(*row) for row in rows]
 
+    def anchor_count(self) -> int:
+        return int(self._db().execute("SELECT COUNT(*) FROM anchors").fetchone()[0])
+
     def anchored_tasks(self) -> set[int]:
         return {row[0] for row in self._db().execute("SELECT DISTINCT task_id FROM anchors")}
 

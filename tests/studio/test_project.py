@@ -416,3 +416,48 @@ def test_a_project_keeps_the_views_weights_across_a_restart(tmp_path: Path) -> N
     assert saved is not None and saved == project.pipeline.pool_state()
     restarted = ProjectModel(8, TARGET, Settings(model_dir=tmp_path), AngleEncoder())
     assert restarted.pipeline.pool_state() == saved
+
+
+def test_training_settings_are_read_and_bad_values_named(monkeypatch) -> None:
+    monkeypatch.setenv("HCC_TRAIN_EVERY", "25")
+    monkeypatch.setenv("HCC_TRAIN_MAX_STEPS", "50")
+    monkeypatch.setenv("HCC_TRAIN", "0")
+    settings = Settings.from_env()
+    assert settings.train_every == 25 and settings.training.max_steps == 50 and settings.train is False
+    monkeypatch.setenv("HCC_TRAIN_EVERY", "often")
+    with pytest.raises(ValueError, match="HCC_TRAIN_EVERY must be a whole number, got 'often'"):
+        Settings.from_env()
+    monkeypatch.setenv("HCC_TRAIN_EVERY", "5")
+    monkeypatch.setenv("HCC_TRAIN_MAX_STEPS", "0")
+    with pytest.raises(ValueError, match="HCC_TRAIN_MAX_STEPS must be at least 1"):
+        Settings.from_env()
+
+
+def test_new_annotations_queue_a_training_every_n_and_a_lost_training_keeps_the_model(tmp_path: Path) -> None:
+    from backend.studio.service import HCCService
+
+    # No Label Studio: the jobs that write to it fail and say so; the training itself needs none.
+    service = HCCService(Settings(model_dir=tmp_path, train_every=3))
+    config = ("<View><Text name='text' value='$text'/><Choices name='c' toName='text'><Choice value='yes'/>"
+              "<Choice value='no'/></Choices></View>")
+    project = {"id": 9, "label_config": config}
+    version = service.model(9, config).model_version
+
+    def annotate(n: int) -> dict:
+        return service.webhook({"action": "ANNOTATION_CREATED", "project": project,
+                                "task": {"id": n, "data": {"text": f"text number {n}"}},
+                                "annotation": {"id": 100 + n, "result": [
+                                    {"from_name": "c", "to_name": "text", "type": "choices",
+                                     "value": {"choices": ["yes" if n % 2 else "no"]}}]}})
+
+    for n in (1, 2):
+        annotate(n)
+    assert service.store(9).get("training") is None  # 2 new anchors: below HCC_TRAIN_EVERY
+    annotate(3)
+    assert service.training_jobs.wait_idle(timeout=120)
+    training = service.status(9)["training"]
+    assert training["state"] == "done" and training["anchors_at_start"] == 3
+    assert not training["result"]["adopted"] and "not trained" in training["result"]["reason"]
+    assert service.model(9, config).model_version == version == service.status(9)["model_version"]
+    annotate(4)  # one more since the last training: none queued
+    assert service.training_jobs.wait_idle(timeout=5) and service.status(9)["training"]["anchors_at_start"] == 3
