@@ -100,10 +100,12 @@ class HCCService:
             return self._second_encoder
 
     def client(self) -> StudioClient:
+        """Label Studio as configured: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` as a pair when either
+        is set (a missing one is a clear error), else the host and token that /setup sent, as a pair. Never a
+        mix: the configured key must not follow a caller's ``hostname`` to another host."""
         url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
-        if self._setup_credentials:
-            url = url or self._setup_credentials[0]
-            key = key or self._setup_credentials[1]
+        if not url and not key and self._setup_credentials:
+            url, key = self._setup_credentials
         return StudioClient(url, key)
 
     def store(self, project_id: int) -> ProjectStore:
