@@ -55,7 +55,9 @@ class HCCModel:
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None,
                 **kwargs: Any) -> dict[str, Any]:
         results = self.service.predict(tasks, self.project_id, self.label_config)
-        return {"results": results, "model_version": self.model_version}
+        # The project's own version (a trained encoder has its own), as each result carries it.
+        version = next((r["model_version"] for r in results if r.get("model_version")), self.model_version)
+        return {"results": results, "model_version": version}
 
     def fit(self, event: str | None, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         return self.service.webhook({**data, "action": event})

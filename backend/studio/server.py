@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from backend.studio.labelconfig import LabelConfigError
-from backend.studio.service import HCCService
+from backend.studio.service import HCCService, number_field
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,16 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
             tasks = data.get("tasks")
             if not isinstance(tasks, list) or not tasks:
                 raise ValueError("'tasks' must be a non-empty list of Label Studio tasks")
-            if not all(isinstance(t, dict) for t in tasks):
-                raise ValueError("every item of 'tasks' must be a task object")
+            for i, task in enumerate(tasks):
+                if not isinstance(task, dict):
+                    raise ValueError(f"tasks[{i}] must be a task object")
+                number_field(task.get("id"), f"tasks[{i}].id")
+            params = data.get("params")
+            if params is not None and not isinstance(params, dict):
+                raise ValueError(f"'params' must be an object, got {type(params).__name__}")
             label_config = data.get("label_config") or ""
             model = model_class(data.get("project"), label_config, service=service)
-            context = (data.get("params") or {}).get("context")
+            context = (params or {}).get("context")
             response = model.predict(tasks, context=context)
         except (LabelConfigError, ValueError) as exc:
             log.error("/predict: %s", exc)
@@ -118,8 +123,12 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
         except ValueError as exc:
             return _error(str(exc), 400)
         project = data.get("project") if isinstance(data.get("project"), dict) else {}
-        model = model_class(project.get("id"), project.get("label_config") or "", service=service)
-        return jsonify(model.fit(data.get("action"), data))
+        try:
+            model = model_class(project.get("id"), project.get("label_config") or "", service=service)
+            return jsonify(model.fit(data.get("action"), data))
+        except ValueError as exc:  # PayloadError and unreadable ids: the sender's mistake, named
+            log.warning("/webhook %s: %s", data.get("action"), exc)
+            return _error(str(exc), 400)
 
     @app.get("/status")
     def status():

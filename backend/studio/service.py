@@ -49,6 +49,29 @@ def pairwise_target(label_config: str) -> PairwiseTarget | None:
     return pairs[0] if pairs and len(pairs) == len(targets) else None
 
 
+class PayloadError(ValueError):
+    """A request from Label Studio (or anyone) that does not have the shape the protocol gives it; the message
+    names the field. The HTTP layer answers it with 400."""
+
+
+def number_field(value: Any, where: str) -> int:
+    """``value`` as an id, or :class:`PayloadError` naming ``where`` (e.g. ``annotation.id``)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PayloadError(f"{where} must be a number, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise PayloadError(f"{where} must be a number, got {value!r}") from None
+
+
+def object_field(value: Any, where: str, *, optional: bool = True) -> dict[str, Any]:
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        raise PayloadError(f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
 def project_id_of(value: Any) -> int:
     """Label Studio names projects as ``{id}.{created_at}`` in /predict and /setup, as a dict in webhooks."""
     if isinstance(value, dict):
@@ -173,7 +196,7 @@ class HCCService:
         version = model.model_version
         results = []
         for task in tasks:
-            task_id = int(task.get("id", -1))
+            task_id = int(task["id"])  # checked by the HTTP layer
             record = records.get(task_id)
             if record is None or record.get("label") is None:
                 error = errors.get(task_id) or f"task {task_id}: no label (no anchors yet and no valid LLM answer)"
@@ -204,7 +227,7 @@ class HCCService:
         project = payload.get("project")
         if not isinstance(project, dict) or "id" not in project:
             return {"status": "ignored", "reason": "no project in the payload"}
-        project_id = int(project["id"])
+        project_id = number_field(project["id"], "project.id")
         label_config = project.get("label_config") or self.store(project_id).get("label_config", "")
         try:
             model = self.model(project_id, label_config)
@@ -215,7 +238,11 @@ class HCCService:
         if action in ANNOTATION_EVENTS:
             return self._on_annotation(model, payload)
         if action == "ANNOTATIONS_DELETED":
-            ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]
+            annotations = payload.get("annotations") or []
+            if not isinstance(annotations, list):
+                raise PayloadError(f"annotations must be a list, got {type(annotations).__name__}")
+            ids = [number_field(object_field(a, f"annotations[{i}]", optional=False).get("id"), f"annotations[{i}].id")
+                   for i, a in enumerate(annotations)]
             removed = model.store.remove_anchors(ids)
             if removed:
                 self.queue_revote(model)
@@ -231,13 +258,18 @@ class HCCService:
         return {"status": "ignored", "action": action}
 
     def _on_annotation(self, model: ProjectModel, payload: dict[str, Any]) -> dict[str, Any]:
-        annotation = payload.get("annotation") or {}
-        task = payload.get("task") or {}
+        annotation = object_field(payload.get("annotation"), "annotation")
+        task = object_field(payload.get("task"), "task")
         if "id" not in annotation:
             return {"status": "ignored", "reason": "no annotation id"}
+        annotation_id = number_field(annotation["id"], "annotation.id")
+        task_id = number_field(task["id"] if "id" in task else annotation.get("task"), "task.id")
+        result = annotation.get("result")
+        if result is not None and not (isinstance(result, list) and all(isinstance(r, dict) for r in result)):
+            raise PayloadError(f"annotation {annotation_id}: annotation.result must be a list of objects")
         label = annotation_label(annotation, model.target)
         if label is None:  # skipped, or no choice for this control: it must not stay an anchor
-            removed = model.store.remove_anchors([int(annotation["id"])])
+            removed = model.store.remove_anchors([annotation_id])
             if removed:
                 self.queue_revote(model)
             return {"status": "ok", "anchor": None}
@@ -245,7 +277,7 @@ class HCCService:
             text = task_text(task, model.target)
         except TaskDataError as exc:
             return {"status": "ignored", "reason": str(exc)}
-        model.store.put_anchor(Anchor(int(annotation["id"]), int(task.get("id", annotation.get("task"))), text, label))
+        model.store.put_anchor(Anchor(annotation_id, task_id, text, label))
         self.queue_revote(model)
         self._maybe_train(model)
         return {"status": "ok", "anchor": label}

@@ -1,0 +1,78 @@
+"""The HTTP layer answers malformed requests with a 400 that names the field, never a 500 (issue 14, item 9).
+
+Flask's test client drives the real app, service, store and encoder; no Label Studio is needed because every
+request here is refused before anything would be written to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from backend.studio.server import create_app
+from backend.studio.service import HCCService
+from backend.studio.settings import Settings
+from model import HCCModel
+
+CONFIG = ("<View><Text name='text' value='$text'/><Choices name='c' toName='text'><Choice value='yes'/>"
+          "<Choice value='no'/></Choices></View>")
+PROJECT = {"id": 3, "label_config": CONFIG}
+REGION = {"from_name": "c", "to_name": "text", "type": "choices", "value": {"choices": ["yes"]}}
+
+
+@pytest.fixture
+def client(tmp_path):
+    service = HCCService(Settings(model_dir=tmp_path))
+    return create_app(HCCModel, service).test_client()
+
+
+def annotation_event(**changes):
+    body = {"action": "ANNOTATION_CREATED", "project": PROJECT, "task": {"id": 5, "data": {"text": "hello"}},
+            "annotation": {"id": 7, "result": [REGION]}}
+    body.update(changes)
+    return body
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"action": "ANNOTATION_CREATED", "project": {"id": "abc", "label_config": CONFIG}}, "project id"),
+    (annotation_event(annotation={"id": "seven", "result": [REGION]}), "annotation.id"),
+    (annotation_event(task={"id": None, "data": {"text": "hello"}}), "task.id"),
+    (annotation_event(task={"data": {"text": "hello"}}, annotation={"id": 7, "result": [REGION]}), "task.id"),
+    (annotation_event(annotation={"id": 7, "result": {"choices": ["yes"]}}), "annotation.result"),
+    (annotation_event(annotation={"id": 7, "result": ["yes"]}), "annotation.result"),
+    (annotation_event(annotation=["not", "an", "object"]), "annotation must be an object"),
+    (annotation_event(task="five"), "task must be an object"),
+    ({"action": "ANNOTATIONS_DELETED", "project": PROJECT, "annotations": {"id": 7}}, "annotations must be a list"),
+    ({"action": "ANNOTATIONS_DELETED", "project": PROJECT, "annotations": [{"id": "x"}]}, "annotations[0].id"),
+    ({"action": "ANNOTATIONS_DELETED", "project": PROJECT, "annotations": [7]}, "annotations[0] must be an object"),
+])
+def test_malformed_webhooks_get_a_400_naming_the_field(client, caplog, body, named):
+    with caplog.at_level(logging.WARNING):
+        response = client.post("/webhook", json=body)
+    assert response.status_code == 400, response.get_json()
+    assert named in response.get_json()["error"]
+    assert not any(r.exc_info for r in caplog.records)  # no traceback in the log
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"tasks": [{"data": {"text": "x"}}], "project": "3.0", "label_config": CONFIG}, "tasks[0].id"),
+    ({"tasks": [{"id": None, "data": {"text": "x"}}], "project": "3.0", "label_config": CONFIG}, "tasks[0].id"),
+    ({"tasks": [{"id": 1, "data": {"text": "x"}}, "two"], "project": "3.0", "label_config": CONFIG},
+     "tasks[1] must be a task object"),
+    ({"tasks": [{"id": 1, "data": {"text": "x"}}], "project": "3.0", "label_config": CONFIG, "params": [1]},
+     "'params' must be an object"),
+    ({"tasks": [{"id": 1, "data": {"text": "x"}}], "project": "three", "label_config": CONFIG}, "project id"),
+])
+def test_malformed_predict_requests_get_a_400_naming_the_field(client, caplog, body, named):
+    with caplog.at_level(logging.WARNING):
+        response = client.post("/predict", json=body)
+    assert response.status_code == 400, response.get_json()
+    assert named in response.get_json()["error"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_well_formed_annotation_still_becomes_an_anchor(client):
+    response = client.post("/webhook", json=annotation_event())
+    assert response.status_code == 200 and response.get_json()["anchor"] == "yes"
+    assert client.get("/status?project=3").get_json()["anchors"] == 1
