@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from backend.studio.server import create_app
+from backend.studio.server import create_app, is_loopback
 from model import HCCModel, get_service
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -32,8 +32,12 @@ def main() -> None:
     if args.log_level:
         logging.getLogger().setLevel(args.log_level.upper())
     service = get_service()
-    logging.getLogger("hcc").info("model_version %s, MODEL_DIR %s", service.settings.model_version,
-                                  service.settings.model_dir)
+    logger = logging.getLogger("hcc")
+    logger.info("model_version %s, MODEL_DIR %s", service.settings.model_version, service.settings.model_dir)
+    if not service.settings.basic_auth_user and not is_loopback(args.host):
+        logger.warning("listening on %s without BASIC_AUTH_USER / BASIC_AUTH_PASS: anyone who reaches port %d "
+                       "can change this backend's anchors and start jobs; set both (and the same pair in Label "
+                       "Studio's model settings)", args.host, args.port)
     app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
 
 

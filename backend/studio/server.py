@@ -40,26 +40,43 @@ class _Metrics:
                     "predicted_tasks": self.predicted_tasks}
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only (no warning needed without auth)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"status": "error", "error": message}), status
 
 
 def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
     """``model_class(project_id, label_config, service=...)`` builds the per-request model (see model.py)."""
+    settings = service.settings
+    if settings.basic_auth_user and not settings.basic_auth_pass:
+        raise ValueError("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty: set a password, or unset both")
     app = Flask("label-studio-hcc")
     app.json.sort_keys = False
+    # Label Studio sends at most a few thousand tasks per /predict; anything far larger is refused with 413.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     metrics = _Metrics()
-    settings = service.settings
+    user_bytes, password_bytes = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
 
     @app.before_request
     def _auth():
         request.environ["hcc.t0"] = time.perf_counter()
-        user, password = settings.basic_auth_user, settings.basic_auth_pass
-        if not user:
+        if not user_bytes:
             return None
         auth = request.authorization
-        ok = auth is not None and hmac.compare_digest(auth.username or "", user) and \
-            hmac.compare_digest(auth.password or "", password)
+        # Compared as UTF-8 bytes: compare_digest refuses non-ASCII str, which a stranger can send.
+        ok = auth is not None and hmac.compare_digest((auth.username or "").encode(), user_bytes) and \
+            hmac.compare_digest((auth.password or "").encode(), password_bytes)
         if not ok:
             return Response("authentication required", 401, {"WWW-Authenticate": 'Basic realm="label-studio-hcc"'})
         return None
@@ -67,8 +84,9 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
     @app.after_request
     def _timing(response: Response) -> Response:
         t0 = request.environ.get("hcc.t0")
-        if t0 is not None:
-            metrics.record(request.path, time.perf_counter() - t0)
+        if t0 is not None:  # by route, so that a stranger's made-up paths do not grow the table
+            route = request.url_rule.rule if request.url_rule is not None else "(no such route)"
+            metrics.record(route, time.perf_counter() - t0)
         return response
 
     def payload() -> dict[str, Any]:

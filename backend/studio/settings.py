@@ -25,6 +25,7 @@
 | ``HCC_TRAIN`` | *Start training* fits the encoder to the anchors, then re-labels (``0``: re-labels only) | ``1`` |
 | ``HCC_TRAIN_EVERY`` | new annotations since the last training that queue one (``0``: *Start training*) | ``100`` |
 | ``HCC_TRAIN_MAX_STEPS`` | optimiser steps of one training at most (bounds its time) | ``400`` |
+| ``HCC_MAX_REQUEST_MB`` | larger request bodies are refused with 413 | ``100`` |
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Settings:
     train: bool = True
     train_every: int = 100
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    max_request_mb: int = 100
     hcc: HCCConfig = field(default_factory=HCCConfig)
 
     @classmethod
@@ -114,6 +116,7 @@ class Settings:
             train=_flag("HCC_TRAIN", True),
             train_every=_int("HCC_TRAIN_EVERY", 100, minimum=0),
             training=TrainingConfig(max_steps=_int("HCC_TRAIN_MAX_STEPS", TrainingConfig.max_steps, minimum=1)),
+            max_request_mb=_int("HCC_MAX_REQUEST_MB", 100, minimum=1),
             hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool"),
         )
 

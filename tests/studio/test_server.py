@@ -76,3 +76,48 @@ def test_a_well_formed_annotation_still_becomes_an_anchor(client):
     response = client.post("/webhook", json=annotation_event())
     assert response.status_code == 200 and response.get_json()["anchor"] == "yes"
     assert client.get("/status?project=3").get_json()["anchors"] == 1
+
+
+def _app(tmp_path, **settings):
+    return create_app(HCCModel, HCCService(Settings(model_dir=tmp_path, **settings))).test_client()
+
+
+def test_non_ascii_credentials_are_refused_not_a_500(tmp_path):
+    import base64
+
+    client = _app(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret-pass")
+    header = "Basic " + base64.b64encode("ütf:pässwörd".encode()).decode()
+    assert client.get("/health", headers={"Authorization": header}).status_code == 401
+    good = "Basic " + base64.b64encode(b"ls:s3cret-pass").decode()
+    assert client.get("/health", headers={"Authorization": good}).status_code == 200
+    unicode_client = _app(tmp_path, basic_auth_user="ädmin", basic_auth_pass="pässwörd")
+    right = "Basic " + base64.b64encode("ädmin:pässwörd".encode()).decode()
+    assert unicode_client.get("/health", headers={"Authorization": right}).status_code == 200
+
+
+def test_a_user_without_a_password_is_a_startup_error(tmp_path):
+    with pytest.raises(ValueError, match="BASIC_AUTH_PASS is empty"):
+        _app(tmp_path, basic_auth_user="ls", basic_auth_pass="")
+
+
+def test_metrics_count_routes_not_every_path_a_stranger_makes_up(tmp_path):
+    client = _app(tmp_path)
+    for n in range(20):
+        client.get(f"/made-up-{n}")
+    client.get("/health")
+    requests_by_route = client.get("/metrics").get_json()["requests"]
+    assert requests_by_route["(no such route)"] == 20 and requests_by_route["/health"] == 1
+    assert not any("made-up" in route for route in requests_by_route)
+
+
+def test_a_huge_body_is_refused_with_413(tmp_path):
+    client = _app(tmp_path, max_request_mb=1)
+    response = client.post("/predict", data=b"x" * (2 * 1024 * 1024), content_type="application/json")
+    assert response.status_code == 413
+
+
+def test_the_loopback_check_of_the_start_warning():
+    from backend.studio.server import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
