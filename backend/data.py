@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,19 @@ class Table:
         return [_as_label(r.get(self.label_field)) for r in self.rows]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left here stands alone
+
+
+def clean_text(text: str) -> str:
+    """``text`` as every tokenizer, JSON encoder and HTTP client takes it: lone surrogate code points (which a
+    JSON ``"\\ud800"`` escape or a Label Studio task can carry) become U+FFFD; anything else is unchanged."""
+    if text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _as_text(value: Any) -> str:
-    return "" if value is None else str(value)
+    return "" if value is None else clean_text(str(value))
 
 
 def _as_label(value: Any) -> str | None:

@@ -327,3 +327,19 @@ def test_label_file_descriptions_from_json_object_and_csv(tmp_path):
     assert read_label_set(as_json) == ["refund", "balance"]
     as_csv = write(tmp_path / "l.csv", "label,description\nrefund,money back\nbalance,\n")
     assert read_label_file(as_csv) == {"refund": "money back", "balance": None}
+
+
+def test_clean_text_replaces_lone_surrogates_only() -> None:
+    from backend.data import clean_text
+
+    assert clean_text("plain") == "plain" and clean_text("héllo wörld ✓") == "héllo wörld ✓"
+    assert clean_text("bad \ud800 here") == "bad \ufffd here"
+    assert clean_text("\udfff").encode("utf-8")  # encodable now
+
+
+def test_a_jsonl_surrogate_escape_is_read_as_a_replacement_character(tmp_path: Path) -> None:
+    from backend.data import read_table
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "lone \\ud800 surrogate", "label": "x"}\n', encoding="utf-8")
+    assert read_table(path).texts() == ["lone \ufffd surrogate"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.data import clean_text
 from backend.models import encoder_models
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class Encoder:
                 missing[key] = text
         if missing:
             model = self._load()
-            todo = list(missing.values())
+            todo = [clean_text(t) for t in missing.values()]  # a lone surrogate would fail the whole batch
             progress = self.show_progress if self.show_progress is not None else len(todo) >= 2000
             vectors = model.encode(
                 todo,

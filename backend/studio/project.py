@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from backend.confidence.calibration import Calibrator, fit_calibrator, threshold_for_precision
-from backend.data import MAX_TEXT_CHARS
+from backend.data import MAX_TEXT_CHARS, clean_text
 from backend.labelling.encoder import Encoder
 from backend.labelling.llm import LLMAnnotator
 from backend.labelling.pipeline import HCCPipeline, stored_answers
@@ -79,7 +79,7 @@ def task_text(task: dict[str, Any], target: ChoicesTarget) -> str:
                             f"got {type(text).__name__}")
     if not text.strip():
         raise TaskDataError(f"task {task_id}: data field {target.value_key!r} is empty")
-    return text[:MAX_TEXT_CHARS]
+    return clean_text(text[:MAX_TEXT_CHARS])
 
 
 def annotation_label(annotation: dict[str, Any], target: ChoicesTarget) -> str | None:

@@ -149,3 +149,10 @@ def test_bfloat16_vectors_match_float32_and_keep_their_own_cache(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     assert (out * reference).sum(axis=1).min() > 0.99
     assert not np.array_equal(out, reference)  # really computed in the other precision
+
+
+def test_a_lone_surrogate_does_not_fail_the_batch(encoder):
+    # A JSON "\ud800" escape (from a file or a Label Studio task) reaches Python as a lone surrogate, which the
+    # tokenizer refuses; one such text used to fail a whole pre-label job.
+    vectors = encoder.encode(["hello \ud800 world", "hello \ufffd world", "a plain text"])
+    assert vectors.shape[0] == 3 and np.allclose(vectors[0], vectors[1], atol=1e-5)
