@@ -277,7 +277,9 @@ class HCCService:
             text = task_text(task, model.target)
         except TaskDataError as exc:
             return {"status": "ignored", "reason": str(exc)}
-        model.store.put_anchor(Anchor(annotation_id, task_id, text, label))
+        updated = annotation.get("updated_at") if isinstance(annotation.get("updated_at"), str) else None
+        if not model.store.put_anchor(Anchor(annotation_id, task_id, text, label), source_updated=updated):
+            return {"status": "ok", "anchor": label, "changed": False}  # unchanged, or a late, older event
         self.queue_revote(model)
         self._maybe_train(model)
         return {"status": "ok", "anchor": label}

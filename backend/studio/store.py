@@ -57,6 +57,20 @@ def _use_wal(db: sqlite3.Connection) -> None:
             time.sleep(0.02)
 
 
+def _timestamp(value: str) -> float:
+    """Seconds since the epoch of an ISO 8601 time as Label Studio writes it (``...Z`` or ``+00:00``); an
+    unreadable one counts as the oldest, so it never hides a readable newer event."""
+    from datetime import datetime, timezone
+
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return float("-inf")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
 @dataclass(frozen=True)
 class Anchor:
     annotation_id: int
@@ -74,6 +88,13 @@ class ProjectStore:
         self.path = self.directory / "state.sqlite"
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # executescript commits on its own: not inside _tx
+        columns = {row[1] for row in self._db().execute("PRAGMA table_info(anchors)")}
+        if "source_updated" not in columns:  # stores written before anchors kept Label Studio's updated_at
+            try:
+                self._db().execute("ALTER TABLE anchors ADD COLUMN source_updated TEXT")
+            except sqlite3.OperationalError as exc:  # another worker added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -96,18 +117,27 @@ class ProjectStore:
         db.execute("COMMIT")
 
     # -- anchors -----------------------------------------------------------------------------------
-    def put_anchor(self, anchor: Anchor) -> None:
-        """Add or replace the anchor of one annotation (an update may change its label)."""
+    def put_anchor(self, anchor: Anchor, *, source_updated: str | None = None) -> bool:
+        """Add or replace the anchor of one annotation (an update may change its label). ``source_updated`` is
+        the annotation's ``updated_at`` in Label Studio: an event older than the one stored is late (webhooks
+        can arrive out of order) and is ignored. Returns whether the anchor changed."""
         with self._tx() as db:
-            row = db.execute("SELECT task_id, text, label FROM anchors WHERE annotation_id = ?",
+            row = db.execute("SELECT task_id, text, label, source_updated FROM anchors WHERE annotation_id = ?",
                              (anchor.annotation_id,)).fetchone()
-            if row == (anchor.task_id, anchor.text, anchor.label):
-                return  # unchanged (e.g. an update of another field): a bump would make every worker rebuild
+            if row is not None and source_updated and row[3] and _timestamp(source_updated) < _timestamp(row[3]):
+                return False
+            if row is not None and row[:3] == (anchor.task_id, anchor.text, anchor.label):
+                if source_updated and source_updated != row[3]:
+                    db.execute("UPDATE anchors SET source_updated = ? WHERE annotation_id = ?",
+                               (source_updated, anchor.annotation_id))
+                return False  # unchanged (e.g. an update of another field): a bump would make every worker rebuild
             db.execute(
-                "INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?, ?)",
-                (anchor.annotation_id, anchor.task_id, anchor.text, anchor.label, time.time()),
+                "INSERT OR REPLACE INTO anchors (annotation_id, task_id, text, label, updated, source_updated) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (anchor.annotation_id, anchor.task_id, anchor.text, anchor.label, time.time(), source_updated),
             )
             self._bump(db)
+            return True
 
     def remove_anchors(self, annotation_ids: Iterable[int]) -> list[Anchor]:
         """Drop the anchors of these annotations; returns the ones that existed."""
@@ -132,7 +162,8 @@ class ProjectStore:
             if current == wanted:
                 return  # every pre-label job rebuilds the anchors: most of the time nothing changed
             db.execute("DELETE FROM anchors")
-            db.executemany("INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO anchors (annotation_id, task_id, text, label, updated) "
+                           "VALUES (?, ?, ?, ?, ?)", rows)
             self._bump(db)
 
     def anchors(self) -> list[Anchor]:

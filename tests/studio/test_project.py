@@ -461,6 +461,7 @@ def test_new_annotations_queue_a_training_every_n_and_a_lost_training_keeps_the_
     assert service.model(9, config).model_version == version == service.status(9)["model_version"]
     annotate(4)  # one more since the last training: none queued
     assert service.training_jobs.wait_idle(timeout=5) and service.status(9)["training"]["anchors_at_start"] == 3
+    assert service.jobs.wait_idle(timeout=60)  # the re-votes and re-label, which fail without Label Studio
 
 
 def test_a_task_text_with_a_lone_surrogate_is_cleaned() -> None:

@@ -121,3 +121,16 @@ def test_the_loopback_check_of_the_start_warning():
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+
+
+def test_a_late_annotation_created_after_an_update_keeps_the_updated_label(tmp_path):
+    service = HCCService(Settings(model_dir=tmp_path))
+    client = create_app(HCCModel, service).test_client()
+    updated = annotation_event(action="ANNOTATION_UPDATED", annotation={
+        "id": 7, "updated_at": "2026-12-01T10:00:05.000000Z",
+        "result": [{**REGION, "value": {"choices": ["no"]}}]})
+    late = annotation_event(annotation={"id": 7, "updated_at": "2026-12-01T10:00:01.000000Z", "result": [REGION]})
+    assert client.post("/webhook", json=updated).get_json()["anchor"] == "no"
+    assert client.post("/webhook", json=late).get_json()["changed"] is False
+    assert [a.label for a in service.store(3).anchors()] == ["no"]
+    service.jobs.wait_idle(timeout=60)

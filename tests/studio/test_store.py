@@ -254,3 +254,27 @@ def test_processes_writing_at_once_lose_no_anchor(tmp_path: Path) -> None:
     expected = {p * 10_000 + k for p in range(2) for k in range(per_process)}
     assert {a.annotation_id for a in store.anchors()} == expected
     assert store.revision() == len(expected)
+
+
+def test_a_late_older_event_does_not_overwrite_a_newer_label(store: ProjectStore) -> None:
+    assert store.put_anchor(anchor(1, "neg"), source_updated="2026-12-01T10:00:05.000000Z")
+    assert not store.put_anchor(anchor(1, "pos"), source_updated="2026-12-01T10:00:01.000000Z")  # late CREATED
+    assert [a.label for a in store.anchors()] == ["neg"]
+    assert store.put_anchor(anchor(1, "pos"), source_updated="2026-12-01T10:00:09+00:00")  # a newer update
+    assert [a.label for a in store.anchors()] == ["pos"]
+    assert store.put_anchor(anchor(1, "neg"))  # without a timestamp (older senders): the last event wins
+
+
+def test_a_store_from_before_the_timestamps_opens_and_keeps_its_anchors(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old"
+    path.mkdir()
+    db = sqlite3.connect(path / "state.sqlite")
+    db.executescript("CREATE TABLE anchors (annotation_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL, "
+                     "text TEXT NOT NULL, label TEXT NOT NULL, updated REAL NOT NULL);"
+                     "INSERT INTO anchors VALUES (1, 1, 'text 1', 'pos', 0);")
+    db.close()
+    old = ProjectStore(path)
+    assert [a.label for a in old.anchors()] == ["pos"]
+    assert old.put_anchor(anchor(1, "neg"), source_updated="2026-12-01T10:00:00Z")
