@@ -20,7 +20,7 @@ import numpy as np
 from backend.confidence.calibration import Calibrator, fit_calibrator, threshold_for_precision
 from backend.data import MAX_TEXT_CHARS, clean_text
 from backend.labelling.encoder import Encoder
-from backend.labelling.llm import LLMAnnotator
+from backend.labelling.llm import LLMAnnotator, LLMError
 from backend.labelling.pipeline import HCCPipeline, stored_answers
 from backend.labelling.training import TrainingResult
 from backend.studio.labelconfig import ChoicesTarget
@@ -29,6 +29,7 @@ from backend.studio.store import Anchor, ProjectStore
 
 log = logging.getLogger(__name__)
 
+LLM_RETRY_SECONDS = 60.0  # after the LLM failed, requests are answered without it for this long
 TRUSTED_STAGES = ("consistent",)  # records whose label joins the DCCA reference set of later batches
 NOT_FLAGGED = ("consistent", "encoder_only")  # "combined" (the pooled views disagreed) is flagged
 
@@ -140,6 +141,7 @@ class ProjectModel:
         self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it
         self.trained: dict[str, Any] | None = None  # the adopted trained encoder ({key, model_path, ...})
+        self.llm_problem: dict[str, Any] | None = None  # the last LLM failure, until it answers again
         self._use_stored_encoder()
 
     @property
@@ -230,13 +232,44 @@ class ProjectModel:
             return {}, errors
         with self._lock:
             reference = self._reference(exclude=set(ids))
-            result = self.pipeline.annotate(texts, progress=progress or False, reference=reference)
+            recently_down = self.llm_problem is not None and time.time() - self.llm_problem["at"] < LLM_RETRY_SECONDS
+            try:
+                if recently_down:  # do not make every request wait for the LLM's retries again
+                    raise LLMError(self.llm_problem["error"])
+                result = self.pipeline.annotate(texts, progress=progress or False, reference=reference)
+                self._llm_answered()
+            except LLMError as exc:  # LLM down or refusing: the encoder's labels, flagged, with the reason
+                result = self._encoder_only(texts, reference, exc, retry=not recently_down)
             pool = self.pipeline.pool_state()
         records = dict(zip(ids, result.records, strict=True))
         self.store.put_items(records)
         if pool is not None:
             self.store.set("pool", pool)
         return records, errors
+
+    def _encoder_only(self, texts: list[str], reference, exc: Exception, *, retry: bool = True):
+        """The run without the LLM: every record says why (``llm_unavailable``) and is flagged for review.
+        ``retry``: this failure is new, so the LLM is next asked ``LLM_RETRY_SECONDS`` from now."""
+        reason = f"the LLM could not be asked ({exc}); encoder-only label"
+        if retry:
+            log.warning("project %s: %s", self.project_id, reason)
+            self.llm_problem = {"error": str(exc), "at": time.time()}
+            self.store.set("llm", {"ok": False, **self.llm_problem})
+        fallback = HCCPipeline(self.pipeline.encoder, self.pipeline.labels, config=self.settings.hcc,
+                               second_encoder=self.pipeline.second_encoder, descriptions=self.pipeline.descriptions)
+        fallback.set_anchors(self.pipeline.anchor_texts, [self.pipeline.labels[i] for i in self.pipeline.anchor_labels],
+                             cross_check=self.pipeline.anchor_cross_check)
+        result = fallback.annotate(texts, reference=reference)
+        for record in result.records:
+            if record.get("label") is not None:
+                record["llm_unavailable"] = reason
+        return result
+
+    def _llm_answered(self) -> None:
+        if self.has_llm and self.llm_problem is not None:
+            log.info("project %s: the LLM answers again", self.project_id)
+            self.llm_problem = None
+            self.store.set("llm", {"ok": True, "at": time.time()})
 
     def revote(self, records: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """Re-run the encoder labels and DCCA over stored records with the current anchors; no LLM call."""
@@ -332,5 +365,7 @@ class ProjectModel:
     def prediction(self, task_id: int, record: dict[str, Any], score: float, threshold: float) -> Prediction:
         result = [{"from_name": self.target.from_name, "to_name": self.target.to_name, "type": "choices",
                    "value": {"choices": [record["label"]]}}]
-        return Prediction(task_id=task_id, label=record["label"], score=score, needs_review=score < threshold,
+        # An encoder-only label given while the LLM was down is flagged whatever its score: a view is missing.
+        flagged = score < threshold or bool(record.get("llm_unavailable"))
+        return Prediction(task_id=task_id, label=record["label"], score=score, needs_review=flagged,
                           stage=record["stage"], result=result)

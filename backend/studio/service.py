@@ -160,8 +160,12 @@ class HCCService:
             self._health["checked"] = time.time()
             threading.Thread(target=self._check_label_studio, daemon=True).start()
         studio = {k: v for k, v in self._health.items() if k != "checked"}
+        with self._lock:
+            problems = [m.llm_problem for m in self._models.values() if getattr(m, "llm_problem", None)]
+        llm_state = {"ok": not problems, **({"error": problems[-1]["error"]} if problems else {})}
         return {"status": "UP", "model_class": "HCCModel", "model_version": self.settings.model_version,
-                "llm": self.settings.llm_model if self.settings.llm_base_url else None, "label_studio": studio}
+                "llm": self.settings.llm_model if self.settings.llm_base_url else None,
+                **({"llm_state": llm_state} if self.settings.llm_base_url else {}), "label_studio": studio}
 
     def _check_label_studio(self) -> None:
         try:
@@ -320,8 +324,9 @@ class HCCService:
         version = self.settings.model_version + (f"-t{trained['key'][:8]}" if trained else "")
         return {"project": project_id, "model_version": version,
                 "anchors": store.anchor_count(), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
-                "training": store.get("training", {}), "encoder": (trained or {}).get("model_path") or
-                self.settings.encoder, "pending_jobs": self.jobs.pending() + self.training_jobs.pending()}
+                "training": store.get("training", {}), "llm": store.get("llm"),
+                "encoder": (trained or {}).get("model_path") or self.settings.encoder,
+                "pending_jobs": self.jobs.pending() + self.training_jobs.pending()}
 
     def _run_job(self, model: ProjectModel, kind: str) -> None:
         work = (lambda: self.prelabel(model)) if kind == "prelabel" else (lambda: self.revote(model))

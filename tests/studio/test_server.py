@@ -14,6 +14,8 @@ from backend.studio.server import create_app
 from backend.studio.service import HCCService
 from backend.studio.settings import Settings
 from model import HCCModel
+from tests.fault_server import FaultServer, fault_server_fixture, unauthorized  # noqa: F401 - registers the fixture
+from tests.fault_server import label as llm_label
 
 CONFIG = ("<View><Text name='text' value='$text'/><Choices name='c' toName='text'><Choice value='yes'/>"
           "<Choice value='no'/></Choices></View>")
@@ -134,3 +136,39 @@ def test_a_late_annotation_created_after_an_update_keeps_the_updated_label(tmp_p
     assert client.post("/webhook", json=late).get_json()["changed"] is False
     assert [a.label for a in service.store(3).anchors()] == ["no"]
     service.jobs.wait_idle(timeout=60)
+
+
+def test_the_llm_refusing_gives_flagged_encoder_labels_not_a_500(tmp_path, fault_server: FaultServer, monkeypatch):
+    from backend.studio import project as project_module
+    from backend.studio.store import Anchor
+
+    fault_server.default = unauthorized()  # e.g. the key was revoked: every call is refused
+    service = HCCService(Settings(model_dir=tmp_path, llm_base_url=fault_server.url, llm_structured="json_object"))
+    client = create_app(HCCModel, service).test_client()
+    model = service.model(3, CONFIG)
+    for i in range(30):
+        text, label = (f"yes, I agree with point {i}", "yes") if i % 2 else (f"no, I refuse item {i}", "no")
+        model.store.put_anchor(Anchor(i, i, text, label))
+    model.store.set("anchors_synced", 1.0)
+    body = {"tasks": [{"id": 100 + i, "data": {"text": t}} for i, t in enumerate(["yes please", "no thanks"])],
+            "project": "3.0", "label_config": CONFIG}
+
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.get_json()
+    assert all(r["result"][0]["value"]["choices"][0] in ("yes", "no") for r in response.get_json()["results"])
+    records = service.store(3).items()
+    assert all("refused" in records[100 + i]["llm_unavailable"] for i in range(2))
+    record = records[100]
+    assert model.prediction(100, record, 0.99, 0.5).needs_review  # flagged whatever its score
+    health = client.get("/health").get_json()
+    assert health["llm_state"]["ok"] is False and "refused" in health["llm_state"]["error"]
+    assert client.get("/status?project=3").get_json()["llm"]["ok"] is False
+
+    asked = fault_server.request_count
+    assert client.post("/predict", json=body).status_code == 200
+    assert fault_server.request_count == asked  # within the retry window the LLM is not asked again
+
+    monkeypatch.setattr(project_module, "LLM_RETRY_SECONDS", 0.0)
+    fault_server.default = llm_label("yes")
+    assert client.post("/predict", json=body).status_code == 200
+    assert fault_server.request_count > asked and client.get("/health").get_json()["llm_state"]["ok"] is True
