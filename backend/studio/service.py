@@ -215,13 +215,14 @@ class HCCService:
         """An empty MODEL_DIR (new volume, lost disk) is rebuilt from the project's annotations once."""
         if model.store.get("anchors_synced") is not None:
             return
+        listed_at = time.time()
         try:
             tasks = [_as_dict(t) for t in self.client().tasks(model.project_id)]
         except StudioError as exc:
             log.warning("project %s: cannot rebuild the anchors from Label Studio (%s); predicting with the %d "
                         "anchors on disk", model.project_id, exc, len(model.store.anchors()))
             return
-        model.store.replace_anchors(model.anchors_from_tasks(tasks))
+        model.store.replace_anchors(model.anchors_from_tasks(tasks), listed_at=listed_at)
         model.store.set("anchors_synced", time.time())
         log.info("project %s: %d anchors rebuilt from Label Studio", model.project_id, len(model.store.anchors()))
 
@@ -376,8 +377,10 @@ class HCCService:
         """The whole pipeline over the project's unlabelled tasks (both DCCA rounds), written to Label Studio."""
         client, store = self.client(), model.store
         store.update("job", step="reading tasks")
+        listed_at = time.time()
         tasks = [_as_dict(t) for t in client.tasks(model.project_id)]
-        store.replace_anchors(model.anchors_from_tasks(tasks))  # Label Studio is the source of truth
+        # Label Studio is the source of truth, except for what webhooks changed while the listing ran.
+        store.replace_anchors(model.anchors_from_tasks(tasks), listed_at=listed_at)
         store.set("anchors_synced", time.time())
         unlabelled = [t for t in tasks if not t["annotations"]]
         log.info("project %s: %d tasks, %d unlabelled, %d anchors", model.project_id, len(tasks),

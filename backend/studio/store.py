@@ -34,10 +34,12 @@ CREATE TABLE IF NOT EXISTS items (
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS removed_anchors (annotation_id INTEGER PRIMARY KEY, removed REAL NOT NULL);
 """
 
 
 _TIMEOUT = 30.0  # seconds a connection waits for another worker's write lock
+_TOMBSTONE_SECONDS = 86400.0  # removed anchors are remembered this long (far longer than any task listing)
 
 
 def _use_wal(db: sqlite3.Connection) -> None:
@@ -149,21 +151,38 @@ class ProjectStore:
             query = f"SELECT annotation_id, task_id, text, label FROM anchors WHERE annotation_id IN ({marks})"
             rows = db.execute(query, ids).fetchall()
             db.execute(f"DELETE FROM anchors WHERE annotation_id IN ({marks})", ids)
+            # Remembered for a rebuild from a task listing taken before this removal (replace_anchors).
+            now = time.time()
+            db.executemany("INSERT OR REPLACE INTO removed_anchors VALUES (?, ?)", [(i, now) for i in ids])
+            db.execute("DELETE FROM removed_anchors WHERE removed < ?", (now - _TOMBSTONE_SECONDS,))
             if rows:
                 self._bump(db)
         return [Anchor(*row) for row in rows]
 
-    def replace_anchors(self, anchors: Iterable[Anchor]) -> None:
-        """Make the anchors exactly these (a rebuild from Label Studio, the source of truth)."""
-        rows = [(a.annotation_id, a.task_id, a.text, a.label, time.time()) for a in anchors]
-        wanted = {row[:4] for row in {row[0]: row for row in rows}.values()}  # the last of a repeated id wins
+    def replace_anchors(self, anchors: Iterable[Anchor], *, listed_at: float | None = None) -> None:
+        """Make the anchors these (a rebuild from Label Studio, the source of truth).
+
+        ``listed_at`` is when the task listing they come from began: an anchor a webhook added, changed or
+        removed after that is newer than the listing and is kept as the webhook left it (a listing of a large
+        project takes minutes; annotations go on meanwhile)."""
+        now = time.time()
+        rows = {a.annotation_id: (a.annotation_id, a.task_id, a.text, a.label, now) for a in anchors}
         with self._tx() as db:
+            if listed_at is not None:
+                newer = {row[0]: row for row in db.execute(
+                    "SELECT annotation_id, task_id, text, label, updated FROM anchors WHERE updated >= ?",
+                    (listed_at,))}
+                gone = {row[0] for row in db.execute(
+                    "SELECT annotation_id FROM removed_anchors WHERE removed >= ?", (listed_at,))}
+                rows = {i: row for i, row in rows.items() if i not in gone}
+                rows.update(newer)
+            wanted = {row[:4] for row in rows.values()}
             current = set(db.execute("SELECT annotation_id, task_id, text, label FROM anchors"))
             if current == wanted:
                 return  # every pre-label job rebuilds the anchors: most of the time nothing changed
             db.execute("DELETE FROM anchors")
             db.executemany("INSERT OR REPLACE INTO anchors (annotation_id, task_id, text, label, updated) "
-                           "VALUES (?, ?, ?, ?, ?)", rows)
+                           "VALUES (?, ?, ?, ?, ?)", list(rows.values()))
             self._bump(db)
 
     def anchors(self) -> list[Anchor]:

@@ -278,3 +278,18 @@ def test_a_store_from_before_the_timestamps_opens_and_keeps_its_anchors(tmp_path
     old = ProjectStore(path)
     assert [a.label for a in old.anchors()] == ["pos"]
     assert old.put_anchor(anchor(1, "neg"), source_updated="2026-12-01T10:00:00Z")
+
+
+def test_a_rebuild_from_an_older_listing_keeps_what_webhooks_changed_meanwhile(store: ProjectStore) -> None:
+    store.replace_anchors([anchor(1, "pos"), anchor(2, "pos")])
+    listed_at = time.time()  # a pre-label job starts listing the project's tasks...
+    time.sleep(0.01)
+    store.put_anchor(anchor(1, "neg"))  # ...while a reviewer changes one label,
+    store.remove_anchors([2])  # deletes another annotation
+    store.put_anchor(anchor(3, "pos"))  # and creates a third
+    listing = [anchor(1, "pos"), anchor(2, "pos"), anchor(4, "neg")]  # what the listing saw, plus an import
+    store.replace_anchors(listing, listed_at=listed_at)
+    assert {a.annotation_id: a.label for a in store.anchors()} == {1: "neg", 3: "pos", 4: "neg"}
+    # A later listing that began after those changes is the truth again, whole.
+    store.replace_anchors([anchor(1, "pos")], listed_at=time.time())
+    assert {a.annotation_id: a.label for a in store.anchors()} == {1: "pos"}
