@@ -7,11 +7,16 @@ Output (:func:`export_preferences`): one preference pair per kept choice, for DP
 
     {"item_id", "prompt", "chosen", "rejected", "weight", "annotator", "annotator_quality", "judge_confidence"}
 
-Weight. ``weight = P(the annotator's choice is the better response | all the data)``, the posterior of
-:class:`backend.annotators.attentiveness.PairwiseAttentiveness` (with the judge's probability as the item's prior
-when there is one), times the judge's confidence ``C = 2 |p_left - 1/2|`` when the pair was judged
-(CW-PO). Choices of annotators whose quality (posterior mean ``eta``) is below ``min_quality`` are left
-out, as are ties and skips, and pairs whose prompt or responses are missing.
+Weight. ``weight = 2 p - 1`` with ``p = P(the annotator's choice is the better response | all the data)``,
+the posterior of :class:`backend.annotators.attentiveness.PairwiseAttentiveness`, in which the judge's
+probability (when the pair was judged) is the item's prior and the annotators' choices the likelihood: the
+confidence ``C = |2p - 1|`` of CW-PO (Confidence-Weighted Preference Optimisation, 2026), taken of the
+posterior so that every piece of evidence is counted once and the weight grows with it: an unsure judge
+(p_left = 1/2) changes nothing, an agreeing one raises it, a contradicting one lowers it. A choice the
+evidence says is more likely wrong than right (``p <= 1/2``) is left out (``left_out_contradicted``), as
+are choices of annotators whose quality (posterior mean ``eta``) is below ``min_quality``, ties and skips,
+and pairs whose prompt or responses are missing. ``judge_confidence`` reports the judge's own
+``2 |p_left - 1/2|``.
 """
 
 from __future__ import annotations
@@ -218,8 +223,9 @@ def export_preferences(
     item_text = texts.reindex(chosen["item_id"])
     has_text = ((item_text["prompt"] != "") & (item_text["response_left"] != "")
                 & (item_text["response_right"] != "")).to_numpy()
-    keep = (quality >= min_quality) & has_text
-    weight = chosen["p_correct"].to_numpy() * judged.fillna(1.0).to_numpy()
+    weight = 2.0 * chosen["p_correct"].to_numpy() - 1.0  # the posterior's confidence: evidence counted once
+    supported = weight > 0.0
+    keep = (quality >= min_quality) & has_text & supported
     left = (chosen["choice"] == "left").to_numpy()
     records = [
         {"item_id": item, "prompt": prompt, "chosen": left_text if is_left else right_text,
@@ -238,6 +244,7 @@ def export_preferences(
         "pairs": len(records), "choices": len(chosen),
         "left_out_low_quality": int((quality < min_quality).sum()),
         "left_out_missing_text": int((~has_text & (quality >= min_quality)).sum()),
+        "left_out_contradicted": int((~supported & has_text & (quality >= min_quality)).sum()),
         "annotators_kept": int((estimator.eta_ >= min_quality).sum()), "annotators": len(estimator.eta_),
         "min_quality": min_quality, "reference": estimator.reference_, "mu": round(estimator.mu_, 6),
         "judged_items": len(p_left), "identifiability": estimator.identifiability_,

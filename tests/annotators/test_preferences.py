@@ -72,23 +72,45 @@ def test_records_with_custom_keys_fit_like_the_dataframe() -> None:
 
 
 # -- the export -------------------------------------------------------------------------------------------------
-def test_weight_is_the_posterior_of_the_choice_times_the_judge_confidence() -> None:
+def test_weight_is_the_confidence_of_the_posterior_of_the_choice() -> None:
     frame, judge_left = comparison_records(judge_signal=1.0)
     result = export(frame, judge=judge_left.to_dict(), min_quality=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IdentifiabilityWarning)
         fitted = PairwiseAttentiveness().fit(frame, judge=judge_left.to_dict())
     p_correct = fitted.annotations_.set_index(["item_id", "worker_id"])["p_correct"]
-    assert len(result.records) == len(frame)
+    supported = int((p_correct > 0.5).sum())
+    assert len(result.records) == supported and result.report["left_out_contradicted"] == len(frame) - supported
     for record in result.records:
         assert tuple(record) == EXPORT_FIELDS
         confidence = 2 * abs(judge_left[record["item_id"]] - 0.5)
         assert record["judge_confidence"] == pytest.approx(confidence, abs=1e-6)
-        expected = p_correct[(record["item_id"], record["annotator"])] * confidence
-        assert record["weight"] == pytest.approx(expected, abs=1e-6)
+        expected = 2 * p_correct[(record["item_id"], record["annotator"])] - 1
+        assert record["weight"] == pytest.approx(expected, abs=1e-6) and 0 < record["weight"] <= 1
         assert record["prompt"] == f"prompt of {record['item_id']}"
         assert {record["chosen"], record["rejected"]} == {f"left answer to {record['item_id']}",
                                                           f"right answer to {record['item_id']}"}
+
+
+def test_unanimous_careful_annotators_keep_their_weight_whatever_the_judge_and_it_moves_with_the_evidence() -> None:
+    # Issue 13: the weight was 0.999 without a judge, 0.000 with an unsure judge and higher with a judge that
+    # contradicted three unanimous annotators than with one that agreed.
+    frame, _ = comparison_records(n_users=30, n_per_user=40)
+    careful = frame.groupby("worker_id")["choice"].size().index[:3]  # simulated users: mostly attentive
+    extra = pd.DataFrame({"item_id": "x", "worker_id": list(careful), "choice": "left", "prompt": "prompt of x",
+                          "response_left": "left answer to x", "response_right": "right answer to x"})
+    data = pd.concat([frame, extra], ignore_index=True)
+
+    def weight_of_x(judge_left_x: float | None) -> float:
+        judge = None if judge_left_x is None else {"x": judge_left_x}
+        records = export(data, judge=judge, min_quality=0.0).records
+        weights = [r["weight"] for r in records if r["item_id"] == "x"]
+        assert len(weights) == 3
+        return float(np.mean(weights))
+
+    alone, unsure, agrees, contradicts = (weight_of_x(p) for p in (None, 0.5, 0.9, 0.02))
+    assert alone > 0.5 and unsure == pytest.approx(alone, abs=1e-3)  # an unsure judge adds nothing
+    assert agrees >= alone > contradicts  # monotone in the evidence
 
 
 def test_chosen_is_the_text_of_the_side_the_annotator_picked() -> None:
@@ -99,7 +121,7 @@ def test_chosen_is_the_text_of_the_side_the_annotator_picked() -> None:
         side = picked[(record["item_id"], record["annotator"])]
         assert record["chosen"].startswith(side)
         assert record["judge_confidence"] is None
-        assert 0.0 <= record["weight"] <= 1.0
+        assert 0.0 < record["weight"] <= 1.0
 
 
 def test_low_quality_annotators_and_pairs_without_text_are_left_out() -> None:
@@ -134,7 +156,7 @@ def test_skipped_choices_are_not_exported_and_jsonl_round_trips(tmp_path: Path) 
     frame, _ = comparison_records()
     frame.loc[0, "choice"] = "tie"
     result = export(frame, min_quality=0.0)
-    assert len(result.records) == len(frame) - 1
+    assert len(result.records) == len(frame) - 1 - result.report["left_out_contradicted"]
     assert any("tie or skip (rows 0" in p for p in result.report["problems"])
     assert write_jsonl(result.records, tmp_path / "out.jsonl") == len(result.records)
     lines = (tmp_path / "out.jsonl").read_text().splitlines()

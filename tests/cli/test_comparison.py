@@ -96,7 +96,7 @@ def test_export_preferences_with_a_judge_file(capsys, pairs: Path) -> None:
     assert len(records) == report["pairs"] > 0
     for record in records:
         assert list(record) == list(preferences.EXPORT_FIELDS)
-        assert record["annotator_quality"] >= 0.5 and 0 <= record["weight"] <= record["judge_confidence"] + 1e-9
+        assert record["annotator_quality"] >= 0.5 and 0 < record["weight"] <= 1
 
 
 def test_export_preferences_with_the_llm_judge_over_http(capsys, pairs: Path, fault_server: FaultServer) -> None:
