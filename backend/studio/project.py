@@ -194,6 +194,12 @@ class ProjectModel:
             return
         with self._lock:
             anchors = self.store.anchors()
+            known = set(self.target.labels)
+            dropped = sorted({a.label for a in anchors if a.label not in known})
+            if dropped:  # a label renamed or removed in the config: kept in the store, unused until it is back
+                log.warning("project %s: %d anchors have labels the label config no longer has (%s); they are "
+                            "not used", self.project_id, sum(a.label not in known for a in anchors), dropped[:5])
+                anchors = [a for a in anchors if a.label in known]
             # Anchors labelled after a prediction existed came from the review order (hard items): they are
             # calibration pairs already and would bias the prior mapping's cross-check.
             predicted = self.store.predicted_tasks()

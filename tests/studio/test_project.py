@@ -466,3 +466,15 @@ def test_new_annotations_queue_a_training_every_n_and_a_lost_training_keeps_the_
 
 def test_a_task_text_with_a_lone_surrogate_is_cleaned() -> None:
     assert task_text(task(1, {"body": "it \ud800 broke"}), TARGET) == "it \ufffd broke"
+
+
+def test_anchors_of_a_label_the_config_no_longer_has_are_left_out_not_an_error(tmp_path: Path, caplog) -> None:
+    project = ProjectModel(10, TARGET, Settings(model_dir=tmp_path), AngleEncoder())
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    project.store.put_anchor(Anchor(annotation_id=999, task_id=99, text="great", label="renamed_label"))
+    with caplog.at_level(logging.WARNING):
+        records, errors = project.label(item_tasks())
+    assert records and all(r["label"] in LABELS for r in records.values())
+    assert any("renamed_label" in r.getMessage() for r in caplog.records)
+    assert len(project.store.anchors()) == len(ANCHOR_TEXTS) + 1  # kept, in case the label comes back
