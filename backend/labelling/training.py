@@ -21,8 +21,9 @@ library's model, tokenizer and (for pairs) loss.
 Adoption: the anchors are split once (seeded, per label) into a fit part and a held-out part (``holdout``).
 The encoder is trained on the fit part only; then the fit part's centroids classify the held-out anchors in
 the frozen and the trained space. The trained model is adopted only when it is right on more held-out
-anchors than the frozen one; the report says how many and why. A re-run with the same base model, anchors
-and settings reuses the saved model (its directory is keyed by all three).
+anchors than the frozen one, or on as many with a higher mean log-likelihood of their labels (a softmax of
+the centroid cosines, each model at its best temperature); the report says how many and why. A re-run with
+the same base model, anchors and settings reuses the saved model (its directory is keyed by all three).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class TrainingResult:
     holdout_anchors: int = 0
     holdout_right_before: int = 0  # held-out anchors the frozen encoder classifies right
     holdout_right_after: int = 0  # ... and the trained one
+    holdout_log_likelihood_before: float = 0.0  # mean log P(label) of a held-out anchor, frozen (tie-break)
+    holdout_log_likelihood_after: float = 0.0  # ... and trained
     steps: int = 0
     seconds: float = 0.0
     reused: bool = False  # loaded from an earlier run with the same base model, anchors and settings
@@ -201,25 +204,34 @@ def train_encoder(
     y = np.array([index[label] for label in labels], dtype=np.int64)
     texts = list(texts)
     fit_texts, held_texts = [texts[i] for i in fit], [texts[i] for i in held]
-    before = _held_out_right(model, fit_texts, y[fit], held_texts, y[held], len(label_names))
+    before, ll_before = _held_out(model, fit_texts, y[fit], held_texts, y[held], len(label_names))
     result.steps = _fit(model, fit_texts, y[fit], len(label_names), config, progress)
-    after = _held_out_right(model, fit_texts, y[fit], held_texts, y[held], len(label_names))
-    result.holdout_right_before, result.holdout_right_after = int(before), int(after)
+    after, ll_after = _held_out(model, fit_texts, y[fit], held_texts, y[held], len(label_names))
+    result.holdout_right_before, result.holdout_right_after = before, after
+    result.holdout_log_likelihood_before = round(ll_before, 4)
+    result.holdout_log_likelihood_after = round(ll_after, 4)
     result.seconds = round(time.perf_counter() - started, 2)
     n = len(held)
-    if after > before:
+    if adopt(before, after, ll_before, ll_after):
         result.adopted = True
         result.reason = (f"adopted: the trained encoder classifies {after} of {n} held-out anchors right, "
-                         f"the frozen one {before}")
+                         f"the frozen one {before} (log-likelihood per anchor {ll_after:.3f} vs {ll_before:.3f})")
         _save(model, target, result)
     else:
         result.reason = (f"kept the frozen encoder: the trained one classifies {after} of {n} held-out anchors "
-                         f"right, the frozen one {before}")
+                         f"right, the frozen one {before} (log-likelihood per anchor {ll_after:.3f} vs "
+                         f"{ll_before:.3f})")
         target.mkdir(parents=True, exist_ok=True)
         _write_result(target, result)
     log.info("encoder training (%d anchors, %d steps, %.0f s): %s", len(texts), result.steps, result.seconds,
              result.reason)
     return result
+
+
+def adopt(right_before: int, right_after: int, ll_before: float, ll_after: float) -> bool:
+    """The trained encoder wins: more held-out anchors right, or as many (a few dozen anchors often tie) with
+    a better log-likelihood of their labels, which sees every anchor's margin and not only the argmax."""
+    return right_after > right_before or (right_after == right_before and ll_after > ll_before)
 
 
 def load_result(model_dir: str | Path) -> TrainingResult | None:
@@ -258,10 +270,24 @@ def _embed(model, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _held_out_right(model, fit_texts, fit_y, held_texts, held_y, n_classes: int) -> int:
+def _held_out(model, fit_texts, fit_y, held_texts, held_y, n_classes: int) -> tuple[int, float]:
+    """(held-out anchors classified right by the fit part's centroids, the mean log-likelihood of their labels
+    under a softmax of the centroid cosines at the temperature that suits this model best)."""
     scored = class_scores(_embed(model, held_texts), _embed(model, fit_texts), fit_y, n_classes,
                           method="centroid")
-    return int(np.sum(scored.labels == held_y))
+    right = int(np.sum(scored.labels == held_y))
+    scores = np.where(np.isfinite(scored.scores), scored.scores, -1e9).astype(np.float64)
+    # Training changes the spread of the cosines, so each model gets its own temperature: a fair comparison.
+    return right, max(_mean_log_likelihood(scores / t, held_y) for t in _TEMPERATURES)
+
+
+_TEMPERATURES = (0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2)
+
+
+def _mean_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.special import log_softmax
+
+    return float(np.mean(log_softmax(logits, axis=1)[np.arange(len(labels)), labels]))
 
 
 def _batches(y: np.ndarray, config: TrainingConfig, rng: random.Random) -> list[list[Any]]:

@@ -15,6 +15,7 @@ from backend.labelling.training import (
     RESULT_FILE,
     TrainingConfig,
     TrainingError,
+    adopt,
     load_result,
     split_anchors,
     train_encoder,
@@ -44,6 +45,7 @@ def test_training_fixes_what_the_frozen_encoder_gets_wrong_and_is_adopted(traine
     texts, labels, _, result = trained
     assert result.adopted, result.reason
     assert result.holdout_right_after > result.holdout_right_before
+    assert result.holdout_log_likelihood_after > result.holdout_log_likelihood_before
     assert result.fit_anchors + result.holdout_anchors == len(texts) and result.steps == FAST.max_steps
     test_texts, test_labels = misleading_set(10, seed=1)  # texts neither model saw
     frozen = held_out_accuracy("all-MiniLM-L6-v2", texts, labels, test_texts, test_labels)
@@ -115,3 +117,10 @@ def test_the_key_names_base_model_anchors_and_settings():
     assert key != training_key("other", texts, labels, TrainingConfig())
     assert key != training_key("m", texts, ["a", "a"], TrainingConfig())
     assert key != training_key("m", texts, labels, TrainingConfig(epochs=3))
+
+
+def test_adoption_needs_more_right_or_a_tie_with_a_better_likelihood():
+    assert adopt(50, 53, -1.2, -1.5)  # more right wins, whatever the likelihood
+    assert not adopt(53, 50, -1.5, -1.0)
+    assert adopt(54, 54, -1.3, -1.1) and not adopt(54, 54, -1.1, -1.3)  # a tie: the likelihood decides
+    assert not adopt(54, 54, -1.1, -1.1)  # nothing gained: keep the frozen encoder
