@@ -65,6 +65,11 @@ class Prediction:
         return {"label": self.label, "score": self.score, "stage": self.stage}
 
 
+def versioned(base_version: str, trained: dict[str, Any] | None) -> str:
+    """The model version of a project: the configuration's, plus the adopted trained encoder's key."""
+    return f"{base_version}-t{trained['key'][:8]}" if trained else base_version
+
+
 def task_text(task: dict[str, Any], target: ChoicesTarget) -> str:
     """The text to label, or ``TaskDataError`` naming the task and the missing/bad field."""
     data = task.get("data")
@@ -153,8 +158,7 @@ class ProjectModel:
     def model_version(self) -> str:
         """The configuration's version, plus the trained encoder's key once one was adopted: Label Studio
         then tells the trained model's predictions from the frozen one's."""
-        base = self.settings.model_version
-        return f"{base}-t{self.trained['key'][:8]}" if self.trained else base
+        return versioned(self.settings.model_version, self.trained)
 
     def _use_stored_encoder(self) -> None:
         """After a restart: the encoder this project adopted, if its directory is still there."""

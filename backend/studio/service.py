@@ -28,7 +28,7 @@ from backend.labelling.training import TrainingError, train_encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import JobQueue, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
-from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text
+from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text, versioned
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
 
@@ -322,7 +322,7 @@ class HCCService:
             return {"project": project_id, "kind": "pairwise", "job": store.get("job", {}),
                     "annotators": store.get("annotators_summary", {}), "pending_jobs": self.jobs.pending()}
         trained = store.get("encoder")
-        version = self.settings.model_version + (f"-t{trained['key'][:8]}" if trained else "")
+        version = versioned(self.settings.model_version, trained)
         return {"project": project_id, "model_version": version,
                 "anchors": store.anchor_count(), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
                 "training": store.get("training", {}), "llm": store.get("llm"),
