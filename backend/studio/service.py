@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
@@ -90,7 +91,9 @@ class HCCService:
         self.settings.model_dir.mkdir(parents=True, exist_ok=True)
         self._encoder: Encoder | None = None
         self._second_encoder: Encoder | None = None
-        self._models: dict[tuple[int, str], ProjectModel] = {}
+        # project id -> (the label config it was built from, its model), least recently used first; bounded
+        # by HCC_MAX_PROJECTS_IN_MEMORY. A job keeps its own reference to a model evicted meanwhile.
+        self._models: OrderedDict[int, tuple[str, ProjectModel]] = OrderedDict()
         self._lock = threading.Lock()
         self._setup_credentials: tuple[str, str] | None = None  # hostname and token /setup sent, in memory only
         self.jobs = JobQueue()
@@ -135,23 +138,38 @@ class HCCService:
         return ProjectStore(self.settings.project_dir(project_id))
 
     def model(self, project_id: int, label_config: str) -> ProjectModel:
-        key = (int(project_id), label_config)
+        """The project's model for this label config, built on first use and kept while the project is among
+        the ``HCC_MAX_PROJECTS_IN_MEMORY`` most recently used. A new config text replaces the project's model
+        (an edited config must not leave the old pipeline and its vectors behind)."""
+        project_id = int(project_id)
         with self._lock:
-            model = self._models.get(key)
-        if model is None:
-            pairwise = pairwise_target(label_config)
-            if pairwise is not None:
-                from backend.studio.pairwise import PairwiseProjectModel
-
-                model = PairwiseProjectModel(project_id, pairwise, self.settings, client=self.client)
-            else:
-                target = classification_target(label_config, from_name=self.settings.from_name or None)
-                model = ProjectModel(project_id, target, self.settings, self.encoder,
-                                     second_encoder=self.second_encoder)
-            with self._lock:
-                model = self._models.setdefault(key, model)
-            model.store.set("label_config", label_config)
+            cached = self._models.get(project_id)
+            if cached is not None and cached[0] == label_config:
+                self._models.move_to_end(project_id)
+                return cached[1]
+        model = self._build_model(project_id, label_config)  # outside the lock: it may load an encoder
+        with self._lock:
+            cached = self._models.get(project_id)
+            if cached is not None and cached[0] == label_config:  # another thread built it meanwhile
+                self._models.move_to_end(project_id)
+                return cached[1]
+            self._models[project_id] = (label_config, model)
+            self._models.move_to_end(project_id)
+            while len(self._models) > self.settings.max_projects_in_memory:
+                evicted, _ = self._models.popitem(last=False)  # nothing to close: jobs using it finish with it
+                log.info("project %s: model unloaded (HCC_MAX_PROJECTS_IN_MEMORY=%d)", evicted,
+                         self.settings.max_projects_in_memory)
+        model.store.set("label_config", label_config)
         return model
+
+    def _build_model(self, project_id: int, label_config: str) -> ProjectModel:
+        pairwise = pairwise_target(label_config)
+        if pairwise is not None:
+            from backend.studio.pairwise import PairwiseProjectModel
+
+            return PairwiseProjectModel(project_id, pairwise, self.settings, client=self.client)
+        target = classification_target(label_config, from_name=self.settings.from_name or None)
+        return ProjectModel(project_id, target, self.settings, self.encoder, second_encoder=self.second_encoder)
 
     # -- /health and /setup ---------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -161,7 +179,7 @@ class HCCService:
             threading.Thread(target=self._check_label_studio, daemon=True).start()
         studio = {k: v for k, v in self._health.items() if k != "checked"}
         with self._lock:
-            problems = [m.llm_problem for m in self._models.values() if getattr(m, "llm_problem", None)]
+            problems = [m.llm_problem for _, m in self._models.values() if getattr(m, "llm_problem", None)]
         llm_state = {"ok": not problems, **({"error": problems[-1]["error"]} if problems else {})}
         return {"status": "UP", "model_class": "HCCModel", "model_version": self.settings.model_version,
                 "llm": self.settings.llm_model if self.settings.llm_base_url else None,

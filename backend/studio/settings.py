@@ -26,6 +26,7 @@
 | ``HCC_TRAIN_EVERY`` | new annotations since the last training that queue one (``0``: *Start training*) | ``100`` |
 | ``HCC_TRAIN_MAX_STEPS`` | optimiser steps of one training at most (bounds its time) | ``400`` |
 | ``HCC_MAX_REQUEST_MB`` | larger request bodies are refused with 413 | ``100`` |
+| ``HCC_MAX_PROJECTS_IN_MEMORY`` | projects whose model a worker keeps loaded (least recently used go first) | ``32`` |
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Settings:
     train_every: int = 100
     training: TrainingConfig = field(default_factory=TrainingConfig)
     max_request_mb: int = 100
+    max_projects_in_memory: int = 32  # each holds a pipeline, its anchor vectors and maybe a trained encoder
     hcc: HCCConfig = field(default_factory=HCCConfig)
 
     @classmethod
@@ -117,6 +119,7 @@ class Settings:
             train_every=_int("HCC_TRAIN_EVERY", 100, minimum=0),
             training=TrainingConfig(max_steps=_int("HCC_TRAIN_MAX_STEPS", TrainingConfig.max_steps, minimum=1)),
             max_request_mb=_int("HCC_MAX_REQUEST_MB", 100, minimum=1),
+            max_projects_in_memory=_int("HCC_MAX_PROJECTS_IN_MEMORY", 32, minimum=1),
             hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool"),
         )
 

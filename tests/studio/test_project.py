@@ -478,3 +478,49 @@ def test_anchors_of_a_label_the_config_no_longer_has_are_left_out_not_an_error(t
     assert records and all(r["label"] in LABELS for r in records.values())
     assert any("renamed_label" in r.getMessage() for r in caplog.records)
     assert len(project.store.anchors()) == len(ANCHOR_TEXTS) + 1  # kept, in case the label comes back
+
+
+# -- models kept in memory by the service -------------------------------------------------------------
+
+YES_NO = ("<View><Text name='text' value='$text'/><Choices name='c' toName='text'><Choice value='yes'/>"
+          "<Choice value='no'/></Choices></View>")
+
+
+def test_the_service_keeps_one_model_per_project_and_only_the_recently_used_projects(tmp_path: Path) -> None:
+    from backend.studio.service import HCCService
+
+    service = HCCService(Settings(model_dir=tmp_path, max_projects_in_memory=2))
+    # A config edited five times: each edit replaces the project's model, none is left behind.
+    edits = [YES_NO.replace("<Choice value='no'/>", f"<Choice value='no'/><Choice value='maybe{i}'/>")
+             for i in range(5)]
+    models = [service.model(1, config) for config in edits]
+    assert len({id(m) for m in models}) == 5 and len(service._models) == 1
+    assert service.model(1, edits[-1]) is models[-1] and models[-1].target.labels[-1] == "maybe4"
+    assert service.store(1).get("label_config") == edits[-1]
+    # Least recently used projects go first: 1 was used after 2, so 3 evicts 2.
+    two = service.model(2, YES_NO)
+    assert service.model(1, edits[-1]) is models[-1]
+    service.model(3, YES_NO)
+    assert list(service._models) == [1, 3]
+    assert service.model(1, edits[-1]) is models[-1]  # still the same object: not rebuilt
+    assert service.model(2, YES_NO) is not two  # rebuilt from its store on next use
+    assert service.health()["status"] == "UP"
+    # A job that still holds the evicted model goes on with it (real encoder, real store).
+    for i, (text, label) in enumerate([("yes please", "yes"), ("absolutely yes", "yes"), ("no thanks", "no"),
+                                       ("certainly not", "no")], start=1):
+        two.store.put_anchor(Anchor(annotation_id=i, task_id=i, text=text, label=label))
+    records, errors = two.label([task(10, {"text": "no way"}), task(11, {"text": "yes, sure"})])
+    assert not errors and [records[10]["label"], records[11]["label"]] == ["no", "yes"]
+
+
+def test_the_number_of_projects_in_memory_is_read_and_bad_values_named(monkeypatch) -> None:
+    monkeypatch.delenv("HCC_MAX_PROJECTS_IN_MEMORY", raising=False)
+    assert Settings.from_env().max_projects_in_memory == 32
+    monkeypatch.setenv("HCC_MAX_PROJECTS_IN_MEMORY", "5")
+    assert Settings.from_env().max_projects_in_memory == 5
+    monkeypatch.setenv("HCC_MAX_PROJECTS_IN_MEMORY", "0")
+    with pytest.raises(ValueError, match="HCC_MAX_PROJECTS_IN_MEMORY must be at least 1, got 0"):
+        Settings.from_env()
+    monkeypatch.setenv("HCC_MAX_PROJECTS_IN_MEMORY", "lots")
+    with pytest.raises(ValueError, match="HCC_MAX_PROJECTS_IN_MEMORY must be a whole number, got 'lots'"):
+        Settings.from_env()
