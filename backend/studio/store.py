@@ -2,7 +2,8 @@
 
 One SQLite file per project (WAL mode, busy timeout) so several gunicorn workers and the background job
 threads can read and write at once without losing a write. Every change to the anchors bumps a revision
-counter; a worker compares it with the revision its in-memory index was built from.
+counter; a worker compares it with the revision its in-memory index was built from. Items carry the revision
+of the write that last changed them, so a worker reads only the records changed since it last looked.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS items (
     record TEXT NOT NULL,
     prediction_id INTEGER,
     written TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    rev INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS removed_anchors (annotation_id INTEGER PRIMARY KEY, removed REAL NOT NULL);
@@ -74,6 +76,15 @@ def _timestamp(value: str) -> float:
 
 
 @dataclass(frozen=True)
+class ItemChanges:
+    """What :meth:`ProjectStore.items_since` read."""
+
+    revision: int  # the items revision of the snapshot: the next call's ``revision``
+    deletions: int  # a count of deletions so far: when it changed, rows are gone that no change reports
+    rows: dict[int, dict[str, Any]]  # task id -> the asked fields of its record
+
+
+@dataclass(frozen=True)
 class Anchor:
     annotation_id: int
     task_id: int
@@ -90,13 +101,18 @@ class ProjectStore:
         self.path = self.directory / "state.sqlite"
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # executescript commits on its own: not inside _tx
-        columns = {row[1] for row in self._db().execute("PRAGMA table_info(anchors)")}
-        if "source_updated" not in columns:  # stores written before anchors kept Label Studio's updated_at
-            try:
-                self._db().execute("ALTER TABLE anchors ADD COLUMN source_updated TEXT")
-            except sqlite3.OperationalError as exc:  # another worker added it first
-                if "duplicate column" not in str(exc):
-                    raise
+        self._add_column("anchors", "source_updated", "TEXT")  # stores from before anchors kept updated_at
+        self._add_column("items", "rev", "INTEGER NOT NULL DEFAULT 0")  # from before items had revisions
+        self._db().execute("CREATE INDEX IF NOT EXISTS items_rev ON items(rev)")
+
+    def _add_column(self, table: str, column: str, definition: str) -> None:
+        if column in {row[1] for row in self._db().execute(f"PRAGMA table_info({table})")}:
+            return
+        try:
+            self._db().execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:  # another worker added it first
+            if "duplicate column" not in str(exc):
+                raise
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -198,20 +214,46 @@ class ProjectStore:
     def revision(self) -> int:
         return int(self.get("anchor_revision", 0))
 
-    def _bump(self, db: sqlite3.Connection) -> None:
-        row = db.execute("SELECT value FROM kv WHERE key = 'anchor_revision'").fetchone()
+    def _bump(self, db: sqlite3.Connection, key: str = "anchor_revision") -> int:
+        """Add one to the counter at ``key`` inside the caller's write transaction; returns the new value. The
+        write lock orders the transactions, so the counter grows in commit order (a clock would not)."""
+        row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         value = int(json.loads(row[0])) + 1 if row else 1
-        db.execute("INSERT OR REPLACE INTO kv VALUES ('anchor_revision', ?)", (json.dumps(value),))
+        db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+        return value
 
     # -- items: the last HCC record per task ----------------------------------------------------------
     def put_items(self, records: dict[int, dict[str, Any]]) -> None:
+        """Store the records; the ones that changed get the next items revision (:meth:`items_since`)."""
         now = time.time()
         with self._tx() as db:
+            revision = self._bump(db, "items_revision")
             db.executemany(
-                "INSERT INTO items (task_id, record, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT(task_id) DO UPDATE SET record = excluded.record, updated = excluded.updated",
-                [(int(t), json.dumps(r), now) for t, r in records.items()],
+                "INSERT INTO items (task_id, record, updated, rev) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(task_id) DO UPDATE SET record = excluded.record, updated = excluded.updated, "
+                "rev = excluded.rev WHERE items.record IS NOT excluded.record",  # unchanged: nothing to re-read
+                [(int(t), json.dumps(r), now, revision) for t, r in records.items()],
             )
+
+    def items_since(self, revision: int, fields: Sequence[str]) -> ItemChanges:
+        """The records written after items revision ``revision`` (-1: all), only ``fields`` of each (SQLite
+        reads them out of the JSON: a caller that needs three fields does not decode whole records). One
+        snapshot: pass the returned revision to the next call and no write is missed or read twice."""
+        for name in fields:
+            if not name.isidentifier():
+                raise ValueError(f"not a record field: {name!r}")
+        columns = "".join(", json_extract(record, ?)" for _ in fields)
+        db = self._db()
+        db.execute("BEGIN")  # deferred: a read snapshot, writers go on
+        try:
+            counters = dict(db.execute("SELECT key, value FROM kv WHERE key IN ('items_revision', 'items_deleted')"))
+            rows = db.execute(f"SELECT task_id{columns} FROM items WHERE rev > ?",
+                              [f"$.{name}" for name in fields] + [int(revision)]).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return ItemChanges(revision=int(json.loads(counters.get("items_revision", "0"))),
+                           deletions=int(json.loads(counters.get("items_deleted", "0"))),
+                           rows={row[0]: dict(zip(fields, row[1:], strict=True)) for row in rows})
 
     def items(self) -> dict[int, dict[str, Any]]:
         rows = self._db().execute("SELECT task_id, record FROM items ORDER BY task_id")
@@ -225,6 +267,7 @@ class ProjectStore:
     def delete_items(self, task_ids: Iterable[int]) -> None:
         with self._tx() as db:
             db.executemany("DELETE FROM items WHERE task_id = ?", [(int(t),) for t in task_ids])
+            self._bump(db, "items_deleted")  # a reader of changed items cannot see a deletion: it reads all again
 
     def written(self) -> dict[int, tuple[int | None, dict[str, Any] | None]]:
         """task -> (Label Studio prediction id, the prediction as last written)."""

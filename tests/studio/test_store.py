@@ -293,3 +293,54 @@ def test_a_rebuild_from_an_older_listing_keeps_what_webhooks_changed_meanwhile(s
     # A later listing that began after those changes is the truth again, whole.
     store.replace_anchors([anchor(1, "pos")], listed_at=time.time())
     assert {a.annotation_id: a.label for a in store.anchors()} == {1: "pos"}
+
+
+# -- items changed since a revision (what a worker reads to keep its in-memory view current) ---------------
+
+FIELDS = ("stage", "label", "text")
+
+
+def test_items_since_returns_only_the_records_changed_after_a_revision(store: ProjectStore) -> None:
+    store.put_items({1: {"text": "a", "label": "pos", "stage": "consistent", "score": 0.9},
+                     2: {"text": "b", "label": None, "stage": "skipped"}})
+    first = store.items_since(-1, FIELDS)
+    assert first.rows == {1: {"stage": "consistent", "label": "pos", "text": "a"},
+                          2: {"stage": "skipped", "label": None, "text": "b"}}
+    assert store.items_since(first.revision, FIELDS).rows == {}  # nothing new: nothing read
+    other = ProjectStore(store.directory)  # another worker writes
+    other.put_items({2: {"text": "b", "label": "neg", "stage": "combined"}, 3: {"text": "c", "label": "pos"}})
+    second = store.items_since(first.revision, FIELDS)
+    assert second.rows == {2: {"stage": "combined", "label": "neg", "text": "b"},
+                           3: {"stage": None, "label": "pos", "text": "c"}}
+    assert second.revision > first.revision
+    # A record written again unchanged (a re-vote that changed nothing) is not re-read; a mark is no change.
+    other.put_items({1: {"text": "a", "label": "pos", "stage": "consistent", "score": 0.9}})
+    other.mark_written({1: (501, {"label": "pos"})})
+    assert store.items_since(second.revision, ("label",)).rows == {}
+    # A deletion is not a changed row: the count of deletions tells the reader to read everything again.
+    store.delete_items([3])
+    assert store.items_since(second.revision, FIELDS).deletions == second.deletions + 1
+    assert sorted(store.items_since(-1, FIELDS).rows) == [1, 2]
+    with pytest.raises(ValueError, match="not a record field"):
+        store.items_since(-1, ("label') --",))
+
+
+def test_items_since_uses_an_index_not_a_scan(store: ProjectStore) -> None:
+    plan = " ".join(str(row) for row in store._db().execute(
+        "EXPLAIN QUERY PLAN SELECT task_id FROM items WHERE rev > ?", (0,)))
+    assert "items_rev" in plan
+
+
+def test_a_store_from_before_item_revisions_opens_and_reads_its_items(tmp_path: Path) -> None:
+    path = tmp_path / "old-items"
+    path.mkdir()
+    db = sqlite3.connect(path / "state.sqlite")
+    db.executescript("CREATE TABLE items (task_id INTEGER PRIMARY KEY, record TEXT NOT NULL, prediction_id INTEGER, "
+                     "written TEXT, updated REAL NOT NULL);"
+                     """INSERT INTO items VALUES (1, '{"text": "a", "label": "pos"}', NULL, NULL, 0);""")
+    db.close()
+    old = ProjectStore(path)
+    assert old.items_since(-1, ("label",)).rows == {1: {"label": "pos"}}
+    revision = old.items_since(-1, ("label",)).revision
+    old.put_items({2: {"label": "neg"}})
+    assert old.items_since(revision, ("label",)).rows == {2: {"label": "neg"}}
