@@ -120,6 +120,107 @@ def review_score(record: dict[str, Any]) -> float:
     return round(min(0.5 * score, 0.4999), 4)
 
 
+class ReferenceSet:
+    """The trusted records of earlier runs (stage in ``TRUSTED_STAGES``, a label of the config, a task without an
+    anchor) as vectors and label indices: DCCA's reference set next to the anchors.
+
+    Kept in memory and brought up to date on each use from the records changed since the last one
+    (:meth:`ProjectStore.items_since`: writes of other workers included), so a request reads and encodes what
+    changed, not the whole project. Arrays handed out are never written again (a run may still use them while
+    the next request updates the set): rows are appended past them, and a removal builds new arrays.
+    """
+
+    FIELDS = ("stage", "label", "text")
+
+    def __init__(self, encoder: Any, index_of: dict[str, int]) -> None:
+        self.encoder = encoder  # the vectors are this encoder's: another one needs another set
+        self.index_of = index_of
+        self.rows_read = 0  # records read from the store so far: the work the updates cost
+        self._clear()
+        self._anchor_revision: int | None = None
+        self._anchored: set[int] = set()
+
+    def _clear(self) -> None:
+        self._revision, self._deletions = -1, 0
+        self._tasks: list[int] = []  # row -> task id
+        self._texts: list[str] = []  # row -> text (a changed text is encoded again)
+        self._rows: dict[int, int] = {}  # task id -> row
+        self._vectors = np.zeros((0, 0), dtype=np.float32)  # rows [0, len(self._tasks)) are in use
+        self._labels = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def arrays(self, exclude: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, label indices) without the rows of the tasks in ``exclude``."""
+        n = len(self._tasks)
+        vectors, labels = self._vectors[:n], self._labels[:n]
+        hit = [self._rows[t] for t in exclude if t in self._rows]
+        if not hit:
+            return vectors, labels
+        keep = np.ones(n, dtype=bool)
+        keep[hit] = False
+        return vectors[keep], labels[keep]
+
+    def update(self, store: ProjectStore) -> None:
+        revision = store.revision()
+        if revision != self._anchor_revision:
+            anchored = store.anchored_tasks()
+            if self._anchored - anchored:  # a task lost its anchor: its record may be trusted again
+                self._clear()
+            else:
+                self._remove(anchored & self._rows.keys())
+            self._anchored, self._anchor_revision = anchored, revision
+        changes = store.items_since(self._revision, self.FIELDS)
+        if self._revision >= 0 and changes.deletions != self._deletions:  # rows are gone: read them all again
+            self._clear()
+            changes = store.items_since(-1, self.FIELDS)
+        self.rows_read += len(changes.rows)
+        self._apply(changes.rows)
+        self._revision, self._deletions = changes.revision, changes.deletions
+
+    def _apply(self, rows: dict[int, dict[str, Any]]) -> None:
+        gone, new = set(), {}
+        for task_id, record in rows.items():
+            label = self.index_of.get(record["label"]) if record["stage"] in TRUSTED_STAGES else None
+            trusted = label is not None and isinstance(record["text"], str) and task_id not in self._anchored
+            row = self._rows.get(task_id)
+            if row is not None and (not trusted or self._texts[row] != record["text"] or self._labels[row] != label):
+                gone.add(task_id)  # untrusted now, or changed: a changed one is appended again below
+            if trusted and (row is None or task_id in gone):
+                new[task_id] = (record["text"], label)
+        self._remove(gone)
+        self._append(new)
+
+    def _remove(self, tasks: set[int]) -> None:
+        if not tasks:
+            return
+        keep = [row for row, task_id in enumerate(self._tasks) if task_id not in tasks]
+        self._vectors, self._labels = self._vectors[keep], self._labels[keep]  # new arrays: handed-out ones stay
+        self._tasks = [self._tasks[row] for row in keep]
+        self._texts = [self._texts[row] for row in keep]
+        self._rows = {task_id: row for row, task_id in enumerate(self._tasks)}
+
+    def _append(self, new: dict[int, tuple[str, int]]) -> None:
+        if not new:
+            return
+        vectors = self.encoder.encode([text for text, _ in new.values()])
+        n, k = len(self._tasks), len(new)
+        if self._vectors.shape[1] != vectors.shape[1] or len(self._vectors) < n + k:
+            capacity = max(2 * n, n + k, 256)  # doubling: appending a request's few rows copies nothing
+            grown = np.zeros((capacity, vectors.shape[1]), dtype=np.float32)
+            labels = np.zeros(capacity, dtype=np.int64)
+            if n:
+                grown[:n], labels[:n] = self._vectors[:n], self._labels[:n]
+            self._vectors, self._labels = grown, labels
+        self._vectors[n:n + k] = vectors
+        self._labels[n:n + k] = [label for _, label in new.values()]
+        for row, (task_id, (text, _)) in enumerate(new.items(), start=n):
+            self._rows[task_id] = row
+            self._tasks.append(task_id)
+            self._texts.append(text)
+
+
 class ProjectModel:
     """The HCC engine bound to one project's label set, anchors and stored records."""
 
@@ -144,6 +245,7 @@ class ProjectModel:
         self.pipeline.restore_pool(self.store.get("pool"))
         self._revision = -1
         self._calibrated: tuple[int, Calibrator] | None = None  # (anchor revision, calibrator fitted then)
+        self._references: ReferenceSet | None = None  # built on first use, kept up to date from the store
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it
         self.trained: dict[str, Any] | None = None  # the adopted trained encoder ({key, model_path, ...})
         self.llm_problem: dict[str, Any] | None = None  # the last LLM failure, until it answers again
@@ -297,20 +399,20 @@ class ProjectModel:
 
     def _reference(self, *, exclude: set[int]) -> tuple[np.ndarray, np.ndarray] | None:
         """Consistent items of earlier runs: they join DCCA's reference set for a new batch."""
-        anchored = self.store.anchored_tasks()
-        trusted = [(t, r) for t, r in self.store.items().items()
-                   if r.get("stage") in TRUSTED_STAGES and t not in exclude and t not in anchored]
-        if not trusted:
-            return None
-        vectors = self.pipeline.encoder.encode([r["text"] for _, r in trusted])
-        labels = np.array([self.pipeline.index_of[r["label"]] for _, r in trusted], dtype=np.int64)
-        return vectors, labels
+        if self.settings.hcc.combine != "dcca" or not self.has_llm:
+            return None  # only DCCA's votes with the LLM's views use it: nothing to read or encode
+        references = self._references
+        if references is None or references.encoder is not self.pipeline.encoder:  # e.g. a trained one adopted
+            references = self._references = ReferenceSet(self.pipeline.encoder, self.pipeline.index_of)
+        references.update(self.store)
+        vectors, labels = references.arrays(exclude)
+        return (vectors, labels) if len(labels) else None
 
     # -- scores ------------------------------------------------------------------------------------
     def reviewed_pairs(self) -> tuple[list[dict[str, Any]], list[str]]:
         """Records of tasks a human labelled after the backend predicted them, and those human labels."""
-        items = self.store.items()
         human = {a.task_id: a.label for a in self.store.anchors()}  # the latest label of each task
+        items = self.store.items_of(human)  # the reviewed tasks' records only, not the whole project's
         tasks = [t for t in human if t in items and items[t].get("label") is not None]
         return [items[t] for t in tasks], [human[t] for t in tasks]
 

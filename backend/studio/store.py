@@ -259,6 +259,17 @@ class ProjectStore:
         rows = self._db().execute("SELECT task_id, record FROM items ORDER BY task_id")
         return {task_id: json.loads(record) for task_id, record in rows}
 
+    def items_of(self, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The records of these tasks (those that have one)."""
+        ids = sorted({int(t) for t in task_ids})
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(ids), 500):  # below SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db().execute(f"SELECT task_id, record FROM items WHERE task_id IN ({marks})", chunk)
+            found.update((task_id, json.loads(record)) for task_id, record in rows)
+        return found
+
     def predicted_tasks(self) -> set[int]:
         """Tasks whose stored record has a label: the backend predicted them."""
         rows = self._db().execute("SELECT task_id FROM items WHERE json_extract(record, '$.label') IS NOT NULL")

@@ -524,3 +524,144 @@ def test_the_number_of_projects_in_memory_is_read_and_bad_values_named(monkeypat
     monkeypatch.setenv("HCC_MAX_PROJECTS_IN_MEMORY", "lots")
     with pytest.raises(ValueError, match="HCC_MAX_PROJECTS_IN_MEMORY must be a whole number, got 'lots'"):
         Settings.from_env()
+
+
+# -- DCCA's reference set: kept in memory, read from the store only where it changed ----------------------
+
+
+class CountingEncoder(AngleEncoder):
+    """Any text is a unit vector at an angle from its hash (the known ones at theirs); texts encoded are counted.
+    ``turn`` rotates every vector: another encoder, another embedding space."""
+
+    def __init__(self, turn: float = 0.0) -> None:
+        self.turn = turn
+        self.texts = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.texts += len(texts)
+        if not texts:
+            return np.zeros((0, 2), np.float32)
+        import zlib
+
+        rad = [math.radians(self.turn + (ANGLES[t] if t in ANGLES else zlib.crc32(t.encode()) % 360)) for t in texts]
+        return np.array([[math.cos(r), math.sin(r)] for r in rad], dtype=np.float32)
+
+
+def dcca_project(directory: Path, encoder: CountingEncoder) -> ProjectModel:
+    settings = Settings(model_dir=directory, hcc=HCCConfig(combine="dcca", llm_views=("zero_shot", "hinted")))
+    project = ProjectModel(5, TARGET, settings, encoder)
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    project.pipeline.llm = ScriptedLLM()
+    return project
+
+
+def stored(n: int, first: int = 1000) -> dict[int, dict[str, Any]]:
+    """Records of earlier runs: three in four trusted (consistent), the rest not."""
+    return {first + i: {"text": f"stored text {i}", "label": LABELS[i % 3],
+                        "stage": "consistent" if i % 4 else "combined"} for i in range(n)}
+
+
+def per_request_work(directory: Path, n_stored: int) -> tuple[int, int]:
+    """(store rows read, texts encoded) by a /predict of one task after a first one, with n_stored records."""
+    encoder = CountingEncoder()
+    project = dcca_project(directory, encoder)
+    project.store.put_items(stored(n_stored))
+    project.label([task(10, {"body": "nice"})])  # the first request after a start reads the project once
+    rows = [0]
+    for name in ("items", "items_since"):  # every way of reading records, counted by the rows they return
+        method = getattr(project.store, name, None)
+        if method is not None:
+            def counted(*args, _method=method, **kwargs):
+                out = _method(*args, **kwargs)
+                rows[0] += len(out.rows if hasattr(out, "rows") else out)
+                return out
+            setattr(project.store, name, counted)
+    encoded = encoder.texts
+    records, _ = project.label([task(11, {"body": "terrible"})])
+    assert records[11]["label"] == "negative"
+    return rows[0], encoder.texts - encoded
+
+
+def test_the_work_of_a_predict_does_not_grow_with_the_records_stored(tmp_path: Path) -> None:
+    small = per_request_work(tmp_path / "small", 200)
+    large = per_request_work(tmp_path / "large", 20_000)
+    # It read the one record the first request wrote, encoded it and the new task: with 200 records or 20,000.
+    assert large == small and small[0] <= 1 and small[1] <= 2
+
+
+def reference_rows(reference: tuple[np.ndarray, np.ndarray] | None) -> list[tuple[int, float, float]]:
+    if reference is None:
+        return []
+    vectors, labels = reference
+    return sorted((int(label), round(float(x), 5), round(float(y), 5)) for label, (x, y) in zip(labels, vectors,
+                                                                                              strict=True))
+
+
+def from_scratch(project: ProjectModel, exclude: set[int]) -> list[tuple[int, float, float]]:
+    """The reference set as the whole store defines it, built from every record."""
+    anchored = project.store.anchored_tasks()
+    trusted = [r for t, r in project.store.items().items() if r.get("stage") in ("consistent",)
+               and t not in exclude and t not in anchored and r.get("label") in project.pipeline.index_of]
+    if not trusted:
+        return []
+    vectors = project.pipeline.encoder.encode([r["text"] for r in trusted])
+    labels = np.array([project.pipeline.index_of[r["label"]] for r in trusted])
+    return reference_rows((vectors, labels))
+
+
+def test_the_reference_set_follows_every_change_another_worker_makes(tmp_path: Path) -> None:
+    here = dcca_project(tmp_path, CountingEncoder())
+    there = ProjectModel(5, TARGET, here.settings, CountingEncoder())  # another gunicorn worker, same store
+    there.store.put_items(stored(40))
+    held = here._reference(exclude={1001})
+    assert reference_rows(held) == from_scratch(here, {1001}) and len(held[1]) == 29
+    kept = (held[0].copy(), held[1].copy())
+    changes = {
+        1001: {"text": "stored text 1", "label": "positive", "stage": "combined"},  # no longer trusted
+        1002: {"text": "stored text 2", "label": "neutral", "stage": "consistent"},  # another label
+        1003: {"text": "a text edited in the task", "label": "positive", "stage": "consistent"},
+        1004: {"text": "stored text 4", "label": "positive", "stage": "consistent"},  # now trusted
+        2000: {"text": "a new trusted item", "label": "negative", "stage": "consistent"},
+        2001: {"text": "a label the config dropped", "label": "renamed", "stage": "consistent"},
+    }
+    there.store.put_items(changes)
+    assert reference_rows(here._reference(exclude={1005})) == from_scratch(here, {1005})
+    there.store.put_anchor(Anchor(annotation_id=900, task_id=1006, text="stored text 6", label="neutral"))
+    assert reference_rows(here._reference(exclude=set())) == from_scratch(here, set())  # an anchored task is out
+    there.store.remove_anchors([900])
+    assert reference_rows(here._reference(exclude=set())) == from_scratch(here, set())  # and back in
+    there.store.delete_items([1007, 2000])
+    assert reference_rows(here._reference(exclude=set())) == from_scratch(here, set())
+    here.pipeline.encoder = CountingEncoder(turn=90.0)  # a trained encoder adopted: another embedding space
+    assert reference_rows(here._reference(exclude=set())) == from_scratch(here, set())
+    # Arrays handed to an earlier run are never written over while it may still use them.
+    np.testing.assert_array_equal(held[0], kept[0])
+    np.testing.assert_array_equal(held[1], kept[1])
+
+
+def test_a_pooled_project_reads_no_reference_set(tmp_path: Path) -> None:
+    project = ProjectModel(7, TARGET, Settings(model_dir=tmp_path), CountingEncoder())
+    project.pipeline.llm = ScriptedLLM()
+    project.store.put_items(stored(40))
+    assert project._reference(exclude=set()) is None  # the pool does not vote with it: nothing read or encoded
+    assert project.pipeline.encoder.texts == 0
+
+
+def test_the_reviews_are_read_from_the_reviewed_tasks_records_only(tmp_path: Path) -> None:
+    project = dcca_project(tmp_path, CountingEncoder())
+    project.store.put_items(stored(2_000))
+    project.store.put_anchor(Anchor(annotation_id=901, task_id=1001, text="stored text 1", label="negative"))
+    project.store.put_anchor(Anchor(annotation_id=902, task_id=1002, text="stored text 2", label="positive"))
+    read = []
+    for name in ("items", "items_of"):
+        method = getattr(project.store, name, None)
+        if method is not None:
+            def counted(*args, _method=method, **kwargs):
+                out = _method(*args, **kwargs)
+                read.append(len(out))
+                return out
+            setattr(project.store, name, counted)
+    records, labels = project.reviewed_pairs()
+    assert [r["text"] for r in records] == ["stored text 1", "stored text 2"] and labels == ["negative", "positive"]
+    assert sum(read) == 2  # the two reviewed tasks' records, not the project's 2,000
