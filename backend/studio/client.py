@@ -21,7 +21,15 @@ WRITE_BATCH = 500
 
 
 class StudioError(RuntimeError):
-    """Label Studio could not be reached or refused a call; the message says which and why."""
+    """Label Studio could not be reached or refused a call; the message says which and why.
+
+    ``retryable``: the same call may succeed later (Label Studio unreachable, timing out, 429 or 5xx), as
+    opposed to a refusal that needs a person (a rejected key, a missing project).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,9 @@ def _explain(exc: Exception, url: str, what: str) -> StudioError:
         )
     if status is not None:
         body = getattr(exc, "body", None)
-        return StudioError(f"Label Studio at {url} answered {status} while trying to {what}: {str(body)[:300]}")
-    return StudioError(f"cannot reach Label Studio at {url} to {what}: {type(exc).__name__}: {exc}")
+        return StudioError(f"Label Studio at {url} answered {status} while trying to {what}: {str(body)[:300]}",
+                           retryable=status == 429 or status >= 500)
+    return StudioError(f"cannot reach Label Studio at {url} to {what}: {type(exc).__name__}: {exc}", retryable=True)
 
 
 class StudioClient:

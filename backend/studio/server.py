@@ -66,6 +66,9 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
     # Label Studio sends at most a few thousand tasks per /predict; anything far larger is refused with 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     metrics = _Metrics()
+    # Jobs a killed or crashed process left queued or running are queued again here (in the background:
+    # the first request must not wait for it).
+    threading.Thread(target=service.resume_jobs, name="hcc-resume", daemon=True).start()
     user_bytes, password_bytes = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
 
     @app.before_request

@@ -26,7 +26,7 @@ from typing import Any
 from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
 from backend.labelling.training import TrainingError, train_encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
-from backend.studio.jobs import JobQueue, project_lock, run_recorded
+from backend.studio.jobs import MAX_RESUMES, JobQueue, ProcessLease, orphaned, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
 from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text, versioned
 from backend.studio.settings import Settings
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 PRELABEL_EVENTS = ("TASKS_CREATED",)
 TRAINING_EVENTS = ("START_TRAINING",)
+PREDICT_MARGIN_SECONDS = 5.0  # of /predict's time kept for the encoder-only answer and the reply
+LATE_WRITE_DELAY_SECONDS = 5.0  # Label Studio stores a /predict answer's predictions within this
 
 
 def pairwise_target(label_config: str) -> PairwiseTarget | None:
@@ -93,8 +95,9 @@ class HCCService:
         self._models: dict[tuple[int, str], ProjectModel] = {}
         self._lock = threading.Lock()
         self._setup_credentials: tuple[str, str] | None = None  # hostname and token /setup sent, in memory only
-        self.jobs = JobQueue()
-        self.training_jobs = JobQueue("hcc-training")  # minutes long: re-votes must not wait behind it
+        self.lease = ProcessLease(self.settings.model_dir / "leases")  # jobs this process owns name it
+        self.jobs = JobQueue(owner=self.lease.id)
+        self.training_jobs = JobQueue("hcc-training", owner=self.lease.id)  # minutes long: re-votes go on
         self._health: dict[str, Any] = {"checked": 0.0}
 
     # -- shared parts ------------------------------------------------------------------------------
@@ -190,12 +193,17 @@ class HCCService:
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
+        started = time.monotonic()
         project_id = project_id_of(project) if project is not None else int(tasks[0].get("project", 0))
         model = self.model(project_id, label_config)
         if getattr(model, "kind", "") == "pairwise":
             return model.predict(tasks)
         self._ensure_anchors(model)
-        records, errors = model.label(tasks)
+        # Label Studio gives up on /predict after 100 s and then stores nothing: answer in time with what
+        # the encoder says, and write the full labels once the LLM has answered.
+        spent = time.monotonic() - started
+        within = max(1.0, self.settings.predict_seconds - spent - PREDICT_MARGIN_SECONDS)
+        records, errors = model.label(tasks, within=within, on_late=lambda late: self._complete_late(model, late))
         scores = model.batch_scores(records)
         version = model.model_version
         results = []
@@ -210,6 +218,24 @@ class HCCService:
             pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
             results.append({"result": pred.result, "score": pred.score, "model_version": version})
         return results
+
+    def _complete_late(self, model: ProjectModel, records: dict[int, dict[str, Any]]) -> None:
+        """The full labels of a /predict batch that was answered by the encoder alone in time: written over the
+        predictions Label Studio stored from that answer (a job, after Label Studio has had time to store it)."""
+        answered = time.time()
+
+        def work() -> dict[str, Any]:
+            time.sleep(max(0.0, answered + LATE_WRITE_DELAY_SECONDS - time.time()))
+            model.store.update("job", step="writing the late labels of a /predict batch")
+            written = self._write(model, self.client(), records, None)
+            return {"late_predict": len(records), "updated": written["written"]}
+
+        def run() -> None:
+            summary = run_recorded(model.store, "late-predict", work, project_id=model.project_id,
+                                   expected=(StudioError,), owner=self.lease.id)
+            if summary is not None:
+                model.store.update("job", state="done", step="done", finished=time.time())
+        self.jobs.submit(f"late:{model.project_id}:{min(records)}:{answered}", run)
 
     def _ensure_anchors(self, model: ProjectModel) -> None:
         """An empty MODEL_DIR (new volume, lost disk) is rebuilt from the project's annotations once."""
@@ -302,14 +328,14 @@ class HCCService:
     def queue_prelabel(self, model: ProjectModel) -> bool:
         def mark() -> None:
             if model.store.get("job", {}).get("state") != "running":  # a running job reports its own state
-                model.store.update("job", queued=time.time(), state="queued", kind="prelabel")
+                model.store.update("job", queued=time.time(), state="queued", kind="prelabel", owner=self.lease.id)
         return self.jobs.submit(f"prelabel:{model.project_id}", lambda: self._run_job(model, "prelabel"),
                                 on_queued=mark)
 
     def queue_training(self, model: ProjectModel) -> bool:
         def mark() -> None:
             if model.store.get("training", {}).get("state") != "running":
-                model.store.update("training", state="queued", queued=time.time())
+                model.store.update("training", state="queued", queued=time.time(), owner=self.lease.id)
         return self.training_jobs.submit(f"train:{model.project_id}", lambda: self._run_training(model),
                                          on_queued=mark)
 
@@ -329,10 +355,65 @@ class HCCService:
                 "encoder": (trained or {}).get("model_path") or self.settings.encoder,
                 "pending_jobs": self.jobs.pending() + self.training_jobs.pending()}
 
+    def resume_jobs(self) -> list[str]:
+        """Queue again the jobs that a process which is gone (killed, crashed, redeployed) had queued or was
+        running; called once at start. Returns what was resumed (``"<kind>:<project>"``)."""
+        root = self.settings.model_dir / "projects"
+        resumed = []
+        for directory in sorted(root.iterdir() if root.is_dir() else []):
+            if directory.name.isdigit() and (directory / "state.sqlite").exists():
+                try:
+                    resumed += self._resume_project(int(directory.name))
+                except Exception:  # one unreadable project must not keep the others' jobs from resuming
+                    log.exception("project %s: cannot resume its jobs", directory.name)
+        return resumed
+
+    def _resume_project(self, project_id: int) -> list[str]:
+        store = self.store(project_id)
+        with project_lock(store.directory, "resume"):  # two workers starting at once: one claims each job
+            job, training = store.get("job", {}), store.get("training", {})
+            todo = [key for key, state in (("job", job), ("training", training)) if orphaned(state, self.lease)]
+            if not todo:
+                return []
+            config = store.get("label_config")
+            for key in todo:
+                state = store.get(key, {})
+                resumes = state.get("resumes", 0) + 1
+                if not config or resumes > MAX_RESUMES:
+                    why = "no label config stored" if not config else f"interrupted {MAX_RESUMES} times in a row"
+                    log.error("project %s: the %s job interrupted by a restart is not resumed (%s)", project_id,
+                              state.get("kind", key), why)
+                    store.update(key, state="failed", error=f"interrupted by a restart; not resumed: {why}",
+                                 finished=time.time())
+                    continue
+                store.update(key, state="queued", owner=self.lease.id, resumed=True, resumes=resumes,
+                             queued=time.time())
+        model = self.model(project_id, config) if config else None
+        resumed = []
+        for key in todo:
+            state = store.get(key, {})
+            if model is None or state.get("state") != "queued" or state.get("owner") != self.lease.id:
+                continue
+            kind = "training" if key == "training" else state.get("kind", "prelabel")
+            log.warning("project %s: resuming the %s job a process that is gone left %s", project_id, kind,
+                        "running" if state.get("started") else "queued")
+            if getattr(model, "kind", "") == "pairwise":
+                model.queue(self.jobs, kind)
+            elif kind == "training":
+                self.queue_training(model)
+            elif kind == "revote":
+                self.queue_revote(model)
+            else:
+                self.queue_prelabel(model)
+            resumed.append(f"{kind}:{project_id}")
+        return resumed
+
     def _run_job(self, model: ProjectModel, kind: str) -> None:
         work = (lambda: self.prelabel(model)) if kind == "prelabel" else (lambda: self.revote(model))
         summary = run_recorded(model.store, kind, work, project_id=model.project_id,
-                               expected=(StudioError, LabelConfigError))
+                               expected=(StudioError, LabelConfigError), owner=self.lease.id,
+                               retryable=lambda exc: getattr(exc, "retryable", False),
+                               retries=self.settings.job_retries, retry_seconds=self.settings.job_retry_seconds)
         if summary is not None:
             model.store.update("job", state="done", step="done", finished=time.time())
             model.store.set("last_run", {"kind": kind, **summary})
@@ -343,7 +424,7 @@ class HCCService:
         with project_lock(store.directory, "training"):
             anchors = store.anchors()
             store.update("training", state="running", started=time.time(), finished=None, step="training",
-                         done=0, total=0, error=None, anchors_at_start=len(anchors))
+                         done=0, total=0, error=None, anchors_at_start=len(anchors), owner=self.lease.id)
             try:
                 result = train_encoder(self.settings.encoder, [a.text for a in anchors], [a.label for a in anchors],
                                        trained_dir=self.settings.cache_dir / "trained",

@@ -172,3 +172,57 @@ def test_the_llm_refusing_gives_flagged_encoder_labels_not_a_500(tmp_path, fault
     fault_server.default = llm_label("yes")
     assert client.post("/predict", json=body).status_code == 200
     assert fault_server.request_count > asked and client.get("/health").get_json()["llm_state"]["ok"] is True
+
+
+def _project_with_anchors(service: HCCService, n: int = 30):
+    from backend.studio.store import Anchor
+
+    model = service.model(3, CONFIG)
+    for i in range(n):
+        text, label = (f"yes, I agree with point {i}", "yes") if i % 2 else (f"no, I refuse item {i}", "no")
+        model.store.put_anchor(Anchor(i, i, text, label))
+    model.store.set("anchors_synced", 1.0)
+    return model
+
+
+def test_a_stalled_llm_gets_encoder_labels_in_time_and_the_full_labels_later(tmp_path, fault_server: FaultServer):
+    from conftest import wait_until
+
+    fault_server.default = llm_label("yes", delay=1.5)  # every answer far slower than /predict may wait
+    service = HCCService(Settings(model_dir=tmp_path, llm_base_url=fault_server.url, llm_structured="json_object",
+                                  predict_seconds=1.0))
+    client = create_app(HCCModel, service).test_client()
+    _project_with_anchors(service)
+    body = {"tasks": [{"id": 100, "data": {"text": "maybe, who knows"}}], "project": "3.0", "label_config": CONFIG}
+
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["results"][0]["result"][0]["value"]["choices"][0] in ("yes", "no")
+    assert "did not answer" in service.store(3).items()[100]["llm_unavailable"]  # answered before the LLM did
+    assert "did not answer" in client.get("/health").get_json()["llm_state"]["error"]
+    # The run goes on in the background; its record replaces the encoder-only one once the LLM has answered.
+    wait_until(lambda: "llm_unavailable" not in service.store(3).items()[100], timeout=120,
+               what="the late full labels")
+
+
+def test_predict_does_not_wait_for_a_running_prelabel(tmp_path, fault_server: FaultServer):
+    import threading
+
+    from conftest import wait_until
+
+    fault_server.default = llm_label("yes", delay=1.0)
+    service = HCCService(Settings(model_dir=tmp_path, llm_base_url=fault_server.url, llm_structured="json_object",
+                                  llm_concurrency=1, predict_seconds=1.0))
+    client = create_app(HCCModel, service).test_client()
+    model = _project_with_anchors(service)
+    long_run = threading.Thread(target=model.label, args=([{"id": 500 + i, "data": {"text": f"perhaps {i}"}}
+                                                          for i in range(10)],))
+    long_run.start()  # a pre-label: one LLM call per second, dozens of them
+    wait_until(lambda: fault_server.request_count >= 1, timeout=60, what="the pre-label to ask the LLM")
+
+    body = {"tasks": [{"id": 100, "data": {"text": "no, not at all"}}], "project": "3.0", "label_config": CONFIG}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    assert long_run.is_alive()  # answered while the pre-label still waits for its LLM calls
+    fault_server.default = llm_label("yes")  # let the pre-label finish quickly
+    long_run.join(timeout=120)
