@@ -56,14 +56,35 @@ class PayloadError(ValueError):
     names the field. The HTTP layer answers it with 400."""
 
 
+MAX_ID = 2 ** 63 - 1  # Label Studio's ids are 64-bit; SQLite's INTEGER (the store) cannot hold more
+
+
 def number_field(value: Any, where: str) -> int:
     """``value`` as an id, or :class:`PayloadError` naming ``where`` (e.g. ``annotation.id``)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise PayloadError(f"{where} must be a number, got {value!r}")
+        raise PayloadError(f"{where} must be a number, got {_brief(value)}")
     try:
-        return int(value)
-    except ValueError:
-        raise PayloadError(f"{where} must be a number, got {value!r}") from None
+        number = int(value)
+    except ValueError:  # also a string of more digits than int() reads
+        raise PayloadError(f"{where} must be a number, got {_brief(value)}") from None
+    if not 0 <= number <= MAX_ID:
+        raise PayloadError(f"{where} must be an id from 0 to 2**63-1, got {_brief(value)}")
+    return number
+
+
+def text_field(value: Any, where: str) -> str:
+    """``value`` as a string (None as ""), or :class:`PayloadError` naming ``where`` (e.g. ``label_config``)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PayloadError(f"{where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, cut: an error message must not echo a megabyte a caller sent."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def object_field(value: Any, where: str, *, optional: bool = True) -> dict[str, Any]:
@@ -79,9 +100,12 @@ def project_id_of(value: Any) -> int:
     if isinstance(value, dict):
         value = value.get("id")
     try:
-        return int(str(value).split(".")[0])
+        number = int(str(value).split(".")[0])
     except (TypeError, ValueError):
-        raise ValueError(f"cannot read a project id from {value!r}") from None
+        raise ValueError(f"cannot read a project id from {_brief(value)}") from None
+    if not 0 <= number <= MAX_ID:  # it names a directory: a 300-digit one is "File name too long"
+        raise ValueError(f"cannot read a project id from {_brief(value)}: not an id from 0 to 2**63-1")
+    return number
 
 
 class HCCService:
@@ -194,7 +218,7 @@ class HCCService:
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
         started = time.monotonic()
-        project_id = project_id_of(project) if project is not None else int(tasks[0].get("project", 0))
+        project_id = project_id_of(project) if project is not None else project_id_of(tasks[0].get("project", 0))
         model = self.model(project_id, label_config)
         if getattr(model, "kind", "") == "pairwise":
             return model.predict(tasks)
@@ -259,7 +283,8 @@ class HCCService:
         if not isinstance(project, dict) or "id" not in project:
             return {"status": "ignored", "reason": "no project in the payload"}
         project_id = number_field(project["id"], "project.id")
-        label_config = project.get("label_config") or self.store(project_id).get("label_config", "")
+        label_config = text_field(project.get("label_config"), "project.label_config") or \
+            self.store(project_id).get("label_config", "")
         try:
             model = self.model(project_id, label_config)
         except LabelConfigError as exc:
@@ -298,6 +323,11 @@ class HCCService:
         result = annotation.get("result")
         if result is not None and not (isinstance(result, list) and all(isinstance(r, dict) for r in result)):
             raise PayloadError(f"annotation {annotation_id}: annotation.result must be a list of objects")
+        for i, region in enumerate(result or []):  # the shape annotation_label reads: value.choices, a list
+            value = object_field(region.get("value"), f"annotation {annotation_id}: annotation.result[{i}].value")
+            if not isinstance(value.get("choices"), list | None):
+                raise PayloadError(f"annotation {annotation_id}: annotation.result[{i}].value.choices must be a "
+                                   f"list, got {type(value['choices']).__name__}")
         label = annotation_label(annotation, model.target)
         if label is None:  # skipped, or no choice for this control: it must not stay an anchor
             removed = model.store.remove_anchors([annotation_id])
