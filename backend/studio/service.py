@@ -202,6 +202,9 @@ class HCCService:
         except StudioError as exc:
             log.error("%s", exc)
             self._health.update(ok=False, error=str(exc))
+        except Exception as exc:  # whatever it is, /health must say the check failed, not keep the last "ok"
+            log.exception("checking Label Studio failed")
+            self._health.update(ok=False, error=f"checking Label Studio failed: {type(exc).__name__}: {exc}")
 
     def check_label_studio_now(self) -> dict[str, Any]:
         self._health["checked"] = time.time()

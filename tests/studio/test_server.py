@@ -301,3 +301,23 @@ def test_predict_does_not_wait_for_a_running_prelabel(tmp_path, fault_server: Fa
     assert long_run.is_alive()  # answered while the pre-label still waits for its LLM calls
     fault_server.default = llm_label("yes")  # let the pre-label finish quickly
     long_run.join(timeout=120)
+
+
+def test_an_expired_personal_access_token_is_reported_and_predict_still_answers(tmp_path, caplog):
+    import time
+
+    import jwt
+
+    expired = jwt.encode({"exp": int(time.time()) - 3600, "token_type": "refresh"}, "not-the-server-key")
+    service = HCCService(Settings(model_dir=tmp_path, label_studio_url="http://127.0.0.1:9",
+                                  label_studio_api_key=expired))
+    client = create_app(HCCModel, service).test_client()
+    _project_with_anchors(service).store.set("anchors_synced", None)  # /predict will try Label Studio first
+    body = {"tasks": [{"id": 100, "data": {"text": "yes, sure"}}], "project": "3.0", "label_config": CONFIG}
+
+    response = client.post("/predict", json=body)  # was a 500: the SDK's own error escaped
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["results"][0]["result"], response.get_json()
+    studio = service.check_label_studio_now()["label_studio"]
+    assert studio["ok"] is False and "expired" in studio["error"] and expired not in studio["error"]
+    assert expired not in caplog.text  # the token itself is never logged
