@@ -21,7 +21,15 @@ WRITE_BATCH = 500
 
 
 class StudioError(RuntimeError):
-    """Label Studio could not be reached or refused a call; the message says which and why."""
+    """Label Studio could not be reached or refused a call; the message says which and why.
+
+    ``retryable``: the same call may succeed later (Label Studio unreachable, timing out, 429 or 5xx), as
+    opposed to a refusal that needs a person (a rejected key, a missing project).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -38,14 +46,17 @@ class TaskRecord:
 def _explain(exc: Exception, url: str, what: str) -> StudioError:
     status = getattr(exc, "status_code", None)
     if status in (401, 403):
+        body = getattr(exc, "body", None)
+        detail = str(body.get("detail", ""))[:200] if isinstance(body, dict) else ""  # e.g. "API key has expired"
         return StudioError(
-            f"Label Studio at {url} rejected LABEL_STUDIO_API_KEY ({status}) while trying to {what}: use a legacy "
-            "token or a personal access token of a user with access to the project"
+            f"Label Studio at {url} rejected LABEL_STUDIO_API_KEY ({status}{': ' + detail if detail else ''}) while "
+            f"trying to {what}: use a legacy token or a personal access token of a user with access to the project"
         )
     if status is not None:
         body = getattr(exc, "body", None)
-        return StudioError(f"Label Studio at {url} answered {status} while trying to {what}: {str(body)[:300]}")
-    return StudioError(f"cannot reach Label Studio at {url} to {what}: {type(exc).__name__}: {exc}")
+        return StudioError(f"Label Studio at {url} answered {status} while trying to {what}: {str(body)[:300]}",
+                           retryable=status == 429 or status >= 500)
+    return StudioError(f"cannot reach Label Studio at {url} to {what}: {type(exc).__name__}: {exc}", retryable=True)
 
 
 class StudioClient:
@@ -60,7 +71,10 @@ class StudioClient:
 
         self.url = url.rstrip("/")
         self.concurrency = concurrency
-        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        # The SDK checks a personal access token (a JWT) as it is built: an expired one raises here, and must
+        # be the same clear StudioError as any other refusal, not an exception of the SDK's own.
+        self._sdk = self._call("use LABEL_STUDIO_API_KEY", LabelStudio, base_url=self.url, api_key=api_key,
+                               timeout=timeout)
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:

@@ -488,8 +488,9 @@ class PairwiseProjectModel:
     def queue(self, jobs: JobQueue, kind: str) -> bool:
         def mark() -> None:
             if self.store.get("job", {}).get("state") != "running":  # a running job reports its own state
-                self.store.update("job", queued=time.time(), state="queued", kind=kind)
-        return jobs.submit(f"pairwise-{kind}:{self.project_id}", lambda: self.run_job(kind), on_queued=mark)
+                self.store.update("job", queued=time.time(), state="queued", kind=kind, owner=jobs.owner)
+        return jobs.submit(f"pairwise-{kind}:{self.project_id}", lambda: self.run_job(kind, owner=jobs.owner),
+                           on_queued=mark)
 
     def client(self) -> StudioClient:
         """The Label Studio client of the backend's service (which knows the credentials /setup sent)."""
@@ -497,7 +498,7 @@ class PairwiseProjectModel:
             return self._client()
         return StudioClient(self.settings.label_studio_url, self.settings.label_studio_api_key)
 
-    def run_job(self, kind: str) -> None:
+    def run_job(self, kind: str, *, owner: str | None = None) -> None:
         """``prelabel`` (judge the unlabelled tasks), ``sync`` (re-read the annotations) or ``annotators``."""
         store = self.store
 
@@ -506,7 +507,7 @@ class PairwiseProjectModel:
                 return self.reestimate(self.client)  # files and summary even when Label Studio is down
             return self.prelabel(self.client(), judge=kind == "prelabel")
 
-        summary = run_recorded(store, kind, work, project_id=self.project_id,
+        summary = run_recorded(store, kind, work, project_id=self.project_id, owner=owner,
                                expected=(StudioError, LabelConfigError, ValueError))
         if summary is not None:
             last = {**store.get("job", {}).get("last", {}), kind: summary}

@@ -7,10 +7,13 @@ and HCC records into Label Studio predictions and task meta. It keeps the projec
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +252,9 @@ class ProjectModel:
         self._lock = threading.RLock()  # the pipeline's anchors are swapped as a whole under it
         self.trained: dict[str, Any] | None = None  # the adopted trained encoder ({key, model_path, ...})
         self.llm_problem: dict[str, Any] | None = None  # the last LLM failure, until it answers again
+        self._fallback_pipeline: HCCPipeline | None = None  # encoder-only, for when the LLM cannot be asked
+        # Runs of /predict batches bounded in time: the request answers, the run goes on here.
+        self._runner = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"hcc-predict-{self.project_id}")
         self._use_stored_encoder()
 
     @property
@@ -329,9 +335,15 @@ class ProjectModel:
         return anchors
 
     # -- labelling ---------------------------------------------------------------------------------
-    def label(self, tasks: Sequence[dict[str, Any]], *,
-              progress: Callable[[str, int], None] | None = None) -> tuple[dict[int, dict], dict[int, str]]:
-        """Run the whole pipeline on tasks: (task id -> HCC record, task id -> error of a bad task)."""
+    def label(self, tasks: Sequence[dict[str, Any]], *, progress: Callable[[str, int], None] | None = None,
+              within: float | None = None, on_late: Callable[[dict[int, dict]], None] | None = None,
+              ) -> tuple[dict[int, dict], dict[int, str]]:
+        """Run the whole pipeline on tasks: (task id -> HCC record, task id -> error of a bad task).
+
+        ``within`` bounds the time spent waiting for the LLM (``/predict`` must answer before Label Studio
+        gives up): past it, the encoder's labels are returned, flagged with the reason, while the full run
+        goes on in the background and hands its records to ``on_late``.
+        """
         self.refresh_anchors()
         texts, ids, errors = [], [], {}
         for task in tasks:
@@ -342,24 +354,69 @@ class ProjectModel:
                 errors[int(task.get("id", -1))] = str(exc)
         if not ids:
             return {}, errors
-        with self._lock:
+        with self._lock:  # a consistent copy; the run itself holds no lock, so a long job blocks no request
+            pipeline = copy.copy(self.pipeline)
             reference = self._reference(exclude=set(ids))
-            recently_down = self.llm_problem is not None and time.time() - self.llm_problem["at"] < LLM_RETRY_SECONDS
-            try:
-                if recently_down:  # do not make every request wait for the LLM's retries again
-                    raise LLMError(self.llm_problem["error"])
-                result = self.pipeline.annotate(texts, progress=progress or False, reference=reference)
-                self._llm_answered()
-            except LLMError as exc:  # LLM down or refusing: the encoder's labels, flagged, with the reason
-                result = self._encoder_only(texts, reference, exc, retry=not recently_down)
-            pool = self.pipeline.pool_state()
+        problem = self.llm_problem
+        if problem is not None and time.time() - problem["at"] < LLM_RETRY_SECONDS:
+            # Do not make every request wait for the LLM's retries (or its silence) again.
+            result = self._encoder_only(pipeline, texts, reference, LLMError(problem["error"]), retry=False)
+        elif within is None or not self.has_llm:
+            result = self._annotate(pipeline, texts, reference, progress)
+        else:
+            result = self._annotate_within(pipeline, ids, texts, reference, within, on_late)
         records = dict(zip(ids, result.records, strict=True))
         self.store.put_items(records)
-        if pool is not None:
-            self.store.set("pool", pool)
         return records, errors
 
-    def _encoder_only(self, texts: list[str], reference, exc: Exception, *, retry: bool = True):
+    def _annotate(self, pipeline: HCCPipeline, texts: list[str], reference, progress=None):
+        try:
+            result = pipeline.annotate(texts, progress=progress or False, reference=reference)
+        except LLMError as exc:  # LLM down or refusing: the encoder's labels, flagged, with the reason
+            return self._encoder_only(pipeline, texts, reference, exc)
+        self._llm_answered()
+        self._absorb(pipeline)
+        return result
+
+    def _annotate_within(self, pipeline: HCCPipeline, ids: list[int], texts: list[str], reference,
+                         within: float, on_late: Callable[[dict[int, dict]], None] | None):
+        future = self._runner.submit(self._annotate, pipeline, texts, reference)
+        try:
+            return future.result(timeout=within)
+        except FutureTimeout:
+            pass
+        slow = LLMError(f"the LLM did not answer {len(texts)} item(s) within {within:.0f} s; the full labels are "
+                        "written when it does")
+        result = self._encoder_only(pipeline, texts, reference, slow)
+
+        def finished(done) -> None:
+            try:
+                late = dict(zip(ids, done.result().records, strict=True))
+            except Exception:
+                log.exception("project %s: the background run of a late /predict failed", self.project_id)
+                return
+            self.store.put_items(late)
+            if on_late is not None:
+                on_late(late)
+        future.add_done_callback(finished)
+        return result
+
+    def _absorb(self, pipeline: HCCPipeline) -> None:
+        """Keep what a run on a copy of the pipeline computed once per anchor set (the anchors' cross-check,
+        prior mapping and views' evidence), when the anchors did not change meanwhile."""
+        with self._lock:
+            main = self.pipeline
+            if main.anchor_vectors is not pipeline.anchor_vectors or main.encoder is not pipeline.encoder:
+                return
+            for name in ("_prior", "_check", "_evidence", "_last_pool"):
+                if getattr(pipeline, name) is not None:
+                    setattr(main, name, getattr(pipeline, name))
+            pool = main.pool_state()
+        if pool is not None:
+            self.store.set("pool", pool)
+
+    def _encoder_only(self, pipeline: HCCPipeline, texts: list[str], reference, exc: Exception, *,
+                      retry: bool = True):
         """The run without the LLM: every record says why (``llm_unavailable``) and is flagged for review.
         ``retry``: this failure is new, so the LLM is next asked ``LLM_RETRY_SECONDS`` from now."""
         reason = f"the LLM could not be asked ({exc}); encoder-only label"
@@ -367,15 +424,29 @@ class ProjectModel:
             log.warning("project %s: %s", self.project_id, reason)
             self.llm_problem = {"error": str(exc), "at": time.time()}
             self.store.set("llm", {"ok": False, **self.llm_problem})
-        fallback = HCCPipeline(self.pipeline.encoder, self.pipeline.labels, config=self.settings.hcc,
-                               second_encoder=self.pipeline.second_encoder, descriptions=self.pipeline.descriptions)
-        fallback.set_anchors(self.pipeline.anchor_texts, [self.pipeline.labels[i] for i in self.pipeline.anchor_labels],
-                             cross_check=self.pipeline.anchor_cross_check)
-        result = fallback.annotate(texts, reference=reference)
+        result = self._fallback(pipeline).annotate(texts, reference=reference)
         for record in result.records:
             if record.get("label") is not None:
                 record["llm_unavailable"] = reason
         return result
+
+    def _fallback(self, pipeline: HCCPipeline) -> HCCPipeline:
+        """The pipeline without its LLM over the same anchors, built once per anchor set (its cross-check and
+        prior mapping are then computed once, not on every request while the LLM is down)."""
+        with self._lock:
+            cached = self._fallback_pipeline
+            if cached is not None and cached.anchor_vectors is pipeline.anchor_vectors \
+                    and cached.encoder is pipeline.encoder:
+                return cached
+        fallback = HCCPipeline(pipeline.encoder, pipeline.labels, config=self.settings.hcc,
+                               second_encoder=pipeline.second_encoder, descriptions=pipeline.descriptions)
+        fallback.set_anchors(pipeline.anchor_texts, [pipeline.labels[i] for i in pipeline.anchor_labels],
+                             cross_check=pipeline.anchor_cross_check)
+        # The same anchor arrays, so a later request recognises the anchor set (set_anchors re-encoded them).
+        fallback.anchor_vectors, fallback.anchor_vectors2 = pipeline.anchor_vectors, pipeline.anchor_vectors2
+        with self._lock:
+            self._fallback_pipeline = fallback
+        return fallback
 
     def _llm_answered(self) -> None:
         if self.has_llm and self.llm_problem is not None:
@@ -391,8 +462,10 @@ class ProjectModel:
         ids = list(records)
         texts = [records[t]["text"] for t in ids]
         with self._lock:
-            answers = stored_answers([records[t] for t in ids], self.settings.hcc.llm_views) if self.has_llm else None
-            result = self.pipeline.annotate(texts, answers=answers)
+            pipeline = copy.copy(self.pipeline)
+        answers = stored_answers([records[t] for t in ids], self.settings.hcc.llm_views) if self.has_llm else None
+        result = pipeline.annotate(texts, answers=answers)
+        self._absorb(pipeline)
         fresh = dict(zip(ids, result.records, strict=True))
         self.store.put_items(fresh)
         return fresh

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from backend.studio.labelconfig import LabelConfigError
-from backend.studio.service import HCCService, number_field
+from backend.studio.service import HCCService, number_field, text_field
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
     # Label Studio sends at most a few thousand tasks per /predict; anything far larger is refused with 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     metrics = _Metrics()
+    # Jobs a killed or crashed process left queued or running are queued again here (in the background:
+    # the first request must not wait for it).
+    threading.Thread(target=service.resume_jobs, name="hcc-resume", daemon=True).start()
     user_bytes, password_bytes = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
 
     @app.before_request
@@ -90,9 +93,13 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
         return response
 
     def payload() -> dict[str, Any]:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # json's parser recurses per level; silent=True only covers ValueError
+            raise ValueError("the request body is nested too deeply to be a Label Studio request") from None
         if not isinstance(data, dict):
-            raise ValueError("the request body must be a JSON object")
+            hint = "" if request.is_json else f" sent as Content-Type: application/json, not {request.mimetype!r}"
+            raise ValueError(f"the request body must be a JSON object{hint}")
         return data
 
     @app.get("/")
@@ -104,7 +111,9 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
     def setup():
         try:
             data = payload()
-            model = model_class(data.get("project"), data.get("schema") or "", service=service)
+            text_field(data.get("hostname"), "hostname")  # kept for later Label Studio calls: checked now
+            text_field(data.get("access_token"), "access_token")
+            model = model_class(data.get("project"), text_field(data.get("schema"), "schema"), service=service)
             return jsonify(model.setup(data))
         except (LabelConfigError, ValueError) as exc:
             log.error("/setup: %s", exc)
@@ -124,7 +133,7 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
             params = data.get("params")
             if params is not None and not isinstance(params, dict):
                 raise ValueError(f"'params' must be an object, got {type(params).__name__}")
-            label_config = data.get("label_config") or ""
+            label_config = text_field(data.get("label_config"), "label_config")
             model = model_class(data.get("project"), label_config, service=service)
             context = (params or {}).get("context")
             response = model.predict(tasks, context=context)
@@ -150,9 +159,12 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
 
     @app.get("/status")
     def status():
-        project = request.args.get("project", type=int)
-        if project is None:
+        if request.args.get("project") is None:
             return _error("give the project id: /status?project=ID", 400)
+        try:
+            project = number_field(request.args["project"], "project")
+        except ValueError as exc:
+            return _error(f"{exc}: /status?project=ID", 400)
         return jsonify(service.status(project))
 
     @app.get("/metrics")
@@ -163,8 +175,12 @@ def create_app(model_class: Callable[..., Any], service: HCCService) -> Flask:
     def _unexpected(exc: Exception):
         from werkzeug.exceptions import HTTPException
 
-        if isinstance(exc, HTTPException):
-            return exc
+        if isinstance(exc, HTTPException):  # 404, 405, 413...: as JSON like every other error, headers kept
+            response = exc.get_response()
+            response.set_data(jsonify({"status": "error", "error": f"{exc.code} {exc.name}: {exc.description}"})
+                              .get_data())
+            response.content_type = "application/json"
+            return response
         log.exception("unhandled error on %s", request.path)
         return _error(f"{type(exc).__name__}: {exc}", 500)
 

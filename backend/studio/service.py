@@ -27,7 +27,7 @@ from typing import Any
 from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
 from backend.labelling.training import TrainingError, train_encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
-from backend.studio.jobs import JobQueue, project_lock, run_recorded
+from backend.studio.jobs import MAX_RESUMES, JobQueue, ProcessLease, orphaned, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
 from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text, versioned
 from backend.studio.settings import Settings
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 PRELABEL_EVENTS = ("TASKS_CREATED",)
 TRAINING_EVENTS = ("START_TRAINING",)
+PREDICT_MARGIN_SECONDS = 5.0  # of /predict's time kept for the encoder-only answer and the reply
+LATE_WRITE_DELAY_SECONDS = 5.0  # Label Studio stores a /predict answer's predictions within this
 
 
 def pairwise_target(label_config: str) -> PairwiseTarget | None:
@@ -55,14 +57,35 @@ class PayloadError(ValueError):
     names the field. The HTTP layer answers it with 400."""
 
 
+MAX_ID = 2 ** 63 - 1  # Label Studio's ids are 64-bit; SQLite's INTEGER (the store) cannot hold more
+
+
 def number_field(value: Any, where: str) -> int:
     """``value`` as an id, or :class:`PayloadError` naming ``where`` (e.g. ``annotation.id``)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise PayloadError(f"{where} must be a number, got {value!r}")
+        raise PayloadError(f"{where} must be a number, got {_brief(value)}")
     try:
-        return int(value)
-    except ValueError:
-        raise PayloadError(f"{where} must be a number, got {value!r}") from None
+        number = int(value)
+    except ValueError:  # also a string of more digits than int() reads
+        raise PayloadError(f"{where} must be a number, got {_brief(value)}") from None
+    if not 0 <= number <= MAX_ID:
+        raise PayloadError(f"{where} must be an id from 0 to 2**63-1, got {_brief(value)}")
+    return number
+
+
+def text_field(value: Any, where: str) -> str:
+    """``value`` as a string (None as ""), or :class:`PayloadError` naming ``where`` (e.g. ``label_config``)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PayloadError(f"{where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, cut: an error message must not echo a megabyte a caller sent."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def object_field(value: Any, where: str, *, optional: bool = True) -> dict[str, Any]:
@@ -78,9 +101,12 @@ def project_id_of(value: Any) -> int:
     if isinstance(value, dict):
         value = value.get("id")
     try:
-        return int(str(value).split(".")[0])
+        number = int(str(value).split(".")[0])
     except (TypeError, ValueError):
-        raise ValueError(f"cannot read a project id from {value!r}") from None
+        raise ValueError(f"cannot read a project id from {_brief(value)}") from None
+    if not 0 <= number <= MAX_ID:  # it names a directory: a 300-digit one is "File name too long"
+        raise ValueError(f"cannot read a project id from {_brief(value)}: not an id from 0 to 2**63-1")
+    return number
 
 
 class HCCService:
@@ -96,8 +122,9 @@ class HCCService:
         self._models: OrderedDict[int, tuple[str, ProjectModel]] = OrderedDict()
         self._lock = threading.Lock()
         self._setup_credentials: tuple[str, str] | None = None  # hostname and token /setup sent, in memory only
-        self.jobs = JobQueue()
-        self.training_jobs = JobQueue("hcc-training")  # minutes long: re-votes must not wait behind it
+        self.lease = ProcessLease(self.settings.model_dir / "leases")  # jobs this process owns name it
+        self.jobs = JobQueue(owner=self.lease.id)
+        self.training_jobs = JobQueue("hcc-training", owner=self.lease.id)  # minutes long: re-votes go on
         self._health: dict[str, Any] = {"checked": 0.0}
 
     # -- shared parts ------------------------------------------------------------------------------
@@ -193,6 +220,9 @@ class HCCService:
         except StudioError as exc:
             log.error("%s", exc)
             self._health.update(ok=False, error=str(exc))
+        except Exception as exc:  # whatever it is, /health must say the check failed, not keep the last "ok"
+            log.exception("checking Label Studio failed")
+            self._health.update(ok=False, error=f"checking Label Studio failed: {type(exc).__name__}: {exc}")
 
     def check_label_studio_now(self) -> dict[str, Any]:
         self._health["checked"] = time.time()
@@ -208,12 +238,17 @@ class HCCService:
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, tasks: list[dict[str, Any]], project: Any, label_config: str) -> list[dict[str, Any]]:
-        project_id = project_id_of(project) if project is not None else int(tasks[0].get("project", 0))
+        started = time.monotonic()
+        project_id = project_id_of(project) if project is not None else project_id_of(tasks[0].get("project", 0))
         model = self.model(project_id, label_config)
         if getattr(model, "kind", "") == "pairwise":
             return model.predict(tasks)
         self._ensure_anchors(model)
-        records, errors = model.label(tasks)
+        # Label Studio gives up on /predict after 100 s and then stores nothing: answer in time with what
+        # the encoder says, and write the full labels once the LLM has answered.
+        spent = time.monotonic() - started
+        within = max(1.0, self.settings.predict_seconds - spent - PREDICT_MARGIN_SECONDS)
+        records, errors = model.label(tasks, within=within, on_late=lambda late: self._complete_late(model, late))
         scores = model.batch_scores(records)
         version = model.model_version
         results = []
@@ -228,6 +263,24 @@ class HCCService:
             pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
             results.append({"result": pred.result, "score": pred.score, "model_version": version})
         return results
+
+    def _complete_late(self, model: ProjectModel, records: dict[int, dict[str, Any]]) -> None:
+        """The full labels of a /predict batch that was answered by the encoder alone in time: written over the
+        predictions Label Studio stored from that answer (a job, after Label Studio has had time to store it)."""
+        answered = time.time()
+
+        def work() -> dict[str, Any]:
+            time.sleep(max(0.0, answered + LATE_WRITE_DELAY_SECONDS - time.time()))
+            model.store.update("job", step="writing the late labels of a /predict batch")
+            written = self._write(model, self.client(), records, None)
+            return {"late_predict": len(records), "updated": written["written"]}
+
+        def run() -> None:
+            summary = run_recorded(model.store, "late-predict", work, project_id=model.project_id,
+                                   expected=(StudioError,), owner=self.lease.id)
+            if summary is not None:
+                model.store.update("job", state="done", step="done", finished=time.time())
+        self.jobs.submit(f"late:{model.project_id}:{min(records)}:{answered}", run)
 
     def _ensure_anchors(self, model: ProjectModel) -> None:
         """An empty MODEL_DIR (new volume, lost disk) is rebuilt from the project's annotations once."""
@@ -251,7 +304,8 @@ class HCCService:
         if not isinstance(project, dict) or "id" not in project:
             return {"status": "ignored", "reason": "no project in the payload"}
         project_id = number_field(project["id"], "project.id")
-        label_config = project.get("label_config") or self.store(project_id).get("label_config", "")
+        label_config = text_field(project.get("label_config"), "project.label_config") or \
+            self.store(project_id).get("label_config", "")
         try:
             model = self.model(project_id, label_config)
         except LabelConfigError as exc:
@@ -290,6 +344,11 @@ class HCCService:
         result = annotation.get("result")
         if result is not None and not (isinstance(result, list) and all(isinstance(r, dict) for r in result)):
             raise PayloadError(f"annotation {annotation_id}: annotation.result must be a list of objects")
+        for i, region in enumerate(result or []):  # the shape annotation_label reads: value.choices, a list
+            value = object_field(region.get("value"), f"annotation {annotation_id}: annotation.result[{i}].value")
+            if not isinstance(value.get("choices"), list | None):
+                raise PayloadError(f"annotation {annotation_id}: annotation.result[{i}].value.choices must be a "
+                                   f"list, got {type(value['choices']).__name__}")
         label = annotation_label(annotation, model.target)
         if label is None:  # skipped, or no choice for this control: it must not stay an anchor
             removed = model.store.remove_anchors([annotation_id])
@@ -320,14 +379,14 @@ class HCCService:
     def queue_prelabel(self, model: ProjectModel) -> bool:
         def mark() -> None:
             if model.store.get("job", {}).get("state") != "running":  # a running job reports its own state
-                model.store.update("job", queued=time.time(), state="queued", kind="prelabel")
+                model.store.update("job", queued=time.time(), state="queued", kind="prelabel", owner=self.lease.id)
         return self.jobs.submit(f"prelabel:{model.project_id}", lambda: self._run_job(model, "prelabel"),
                                 on_queued=mark)
 
     def queue_training(self, model: ProjectModel) -> bool:
         def mark() -> None:
             if model.store.get("training", {}).get("state") != "running":
-                model.store.update("training", state="queued", queued=time.time())
+                model.store.update("training", state="queued", queued=time.time(), owner=self.lease.id)
         return self.training_jobs.submit(f"train:{model.project_id}", lambda: self._run_training(model),
                                          on_queued=mark)
 
@@ -347,10 +406,65 @@ class HCCService:
                 "encoder": (trained or {}).get("model_path") or self.settings.encoder,
                 "pending_jobs": self.jobs.pending() + self.training_jobs.pending()}
 
+    def resume_jobs(self) -> list[str]:
+        """Queue again the jobs that a process which is gone (killed, crashed, redeployed) had queued or was
+        running; called once at start. Returns what was resumed (``"<kind>:<project>"``)."""
+        root = self.settings.model_dir / "projects"
+        resumed = []
+        for directory in sorted(root.iterdir() if root.is_dir() else []):
+            if directory.name.isdigit() and (directory / "state.sqlite").exists():
+                try:
+                    resumed += self._resume_project(int(directory.name))
+                except Exception:  # one unreadable project must not keep the others' jobs from resuming
+                    log.exception("project %s: cannot resume its jobs", directory.name)
+        return resumed
+
+    def _resume_project(self, project_id: int) -> list[str]:
+        store = self.store(project_id)
+        with project_lock(store.directory, "resume"):  # two workers starting at once: one claims each job
+            job, training = store.get("job", {}), store.get("training", {})
+            todo = [key for key, state in (("job", job), ("training", training)) if orphaned(state, self.lease)]
+            if not todo:
+                return []
+            config = store.get("label_config")
+            for key in todo:
+                state = store.get(key, {})
+                resumes = state.get("resumes", 0) + 1
+                if not config or resumes > MAX_RESUMES:
+                    why = "no label config stored" if not config else f"interrupted {MAX_RESUMES} times in a row"
+                    log.error("project %s: the %s job interrupted by a restart is not resumed (%s)", project_id,
+                              state.get("kind", key), why)
+                    store.update(key, state="failed", error=f"interrupted by a restart; not resumed: {why}",
+                                 finished=time.time())
+                    continue
+                store.update(key, state="queued", owner=self.lease.id, resumed=True, resumes=resumes,
+                             queued=time.time())
+        model = self.model(project_id, config) if config else None
+        resumed = []
+        for key in todo:
+            state = store.get(key, {})
+            if model is None or state.get("state") != "queued" or state.get("owner") != self.lease.id:
+                continue
+            kind = "training" if key == "training" else state.get("kind", "prelabel")
+            log.warning("project %s: resuming the %s job a process that is gone left %s", project_id, kind,
+                        "running" if state.get("started") else "queued")
+            if getattr(model, "kind", "") == "pairwise":
+                model.queue(self.jobs, kind)
+            elif kind == "training":
+                self.queue_training(model)
+            elif kind == "revote":
+                self.queue_revote(model)
+            else:
+                self.queue_prelabel(model)
+            resumed.append(f"{kind}:{project_id}")
+        return resumed
+
     def _run_job(self, model: ProjectModel, kind: str) -> None:
         work = (lambda: self.prelabel(model)) if kind == "prelabel" else (lambda: self.revote(model))
         summary = run_recorded(model.store, kind, work, project_id=model.project_id,
-                               expected=(StudioError, LabelConfigError))
+                               expected=(StudioError, LabelConfigError), owner=self.lease.id,
+                               retryable=lambda exc: getattr(exc, "retryable", False),
+                               retries=self.settings.job_retries, retry_seconds=self.settings.job_retry_seconds)
         if summary is not None:
             model.store.update("job", state="done", step="done", finished=time.time())
             model.store.set("last_run", {"kind": kind, **summary})
@@ -361,7 +475,7 @@ class HCCService:
         with project_lock(store.directory, "training"):
             anchors = store.anchors()
             store.update("training", state="running", started=time.time(), finished=None, step="training",
-                         done=0, total=0, error=None, anchors_at_start=len(anchors))
+                         done=0, total=0, error=None, anchors_at_start=len(anchors), owner=self.lease.id)
             try:
                 result = train_encoder(self.settings.encoder, [a.text for a in anchors], [a.label for a in anchors],
                                        trained_dir=self.settings.cache_dir / "trained",

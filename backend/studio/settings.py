@@ -64,6 +64,19 @@ def _int(name: str, default: int, *, minimum: int) -> int:
     return number
 
 
+def _number(name: str, default: float, *, minimum: float) -> float:
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not number >= minimum:  # also refuses nan
+        raise ValueError(f"{name} must be at least {minimum:g}, got {value}")
+    return number
+
+
 @dataclass
 class Settings:
     label_studio_url: str = ""
@@ -90,6 +103,9 @@ class Settings:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     max_request_mb: int = 100
     max_projects_in_memory: int = 32  # each holds a pipeline, its anchor vectors and maybe a trained encoder
+    predict_seconds: float = 60.0  # /predict answers within this; Label Studio gives up after 100 s
+    job_retries: int = 5  # a job that cannot reach Label Studio runs again this many times...
+    job_retry_seconds: float = 10.0  # ...after this long, doubling up to 5 min
     hcc: HCCConfig = field(default_factory=HCCConfig)
 
     @classmethod
@@ -120,6 +136,9 @@ class Settings:
             training=TrainingConfig(max_steps=_int("HCC_TRAIN_MAX_STEPS", TrainingConfig.max_steps, minimum=1)),
             max_request_mb=_int("HCC_MAX_REQUEST_MB", 100, minimum=1),
             max_projects_in_memory=_int("HCC_MAX_PROJECTS_IN_MEMORY", 32, minimum=1),
+            predict_seconds=_number("HCC_PREDICT_SECONDS", 60.0, minimum=1.0),
+            job_retries=_int("HCC_JOB_RETRIES", 5, minimum=0),
+            job_retry_seconds=_number("HCC_JOB_RETRY_SECONDS", 10.0, minimum=0.0),
             hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool"),
         )
 

@@ -176,3 +176,103 @@ def test_locks_of_different_projects_do_not_block_each_other(tmp_path: Path) -> 
         thread.start()
         assert got_other.wait(WAIT)
     thread.join(WAIT)
+
+
+# -- durable jobs: leases of processes, orphaned jobs -----------------------------------------------------
+def _lease_holder(directory, ready):
+    """A child process that takes a lease, reports its id and sleeps until killed."""
+    import time as _time
+
+    from backend.studio.jobs import ProcessLease
+
+    lease = ProcessLease(directory)
+    ready.put(lease.id)
+    _time.sleep(600)
+
+
+def test_a_lease_is_alive_while_its_process_runs_and_dead_after_kill_9(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    from backend.studio.jobs import ProcessLease, orphaned
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    child = context.Process(target=_lease_holder, args=(tmp_path, ready), daemon=True)
+    child.start()
+    owner = ready.get(timeout=60)
+    mine = ProcessLease(tmp_path)
+    assert mine.alive(owner) and mine.alive(mine.id)
+    assert not orphaned({"state": "running", "owner": owner}, mine)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(30)
+    assert not mine.alive(owner)
+    assert orphaned({"state": "running", "owner": owner}, mine)
+    assert orphaned({"state": "queued"}, mine)  # a store written before jobs had owners
+    assert not orphaned({"state": "done", "owner": owner}, mine)
+
+
+def test_a_job_left_running_by_a_dead_process_is_resumed_once(tmp_path):
+    from backend.studio.service import HCCService
+    from backend.studio.settings import Settings
+
+    config = ("<View><Text name='text' value='$text'/><Choices name='c' toName='text'><Choice value='a'/>"
+              "<Choice value='b'/></Choices></View>")
+    first = HCCService(Settings(model_dir=tmp_path))
+    store = first.store(4)
+    store.set("label_config", config)
+    store.update("job", state="running", kind="prelabel", owner="12345-deadbeef0000", started=1.0)
+    store.update("training", state="done")
+    second = HCCService(Settings(model_dir=tmp_path))
+    third = HCCService(Settings(model_dir=tmp_path))  # another worker starting at the same moment
+    assert second.resume_jobs() == ["prelabel:4"]
+    assert third.resume_jobs() == []  # the second one (alive) owns it now
+    second.jobs.wait_idle(timeout=60)
+    job = store.get("job")
+    # No Label Studio here, so the resumed job fails, but it ran and says why: it no longer shows "running".
+    assert job["state"] == "failed" and "LABEL_STUDIO_URL" in job["error"]
+
+
+def test_a_job_that_keeps_killing_its_process_is_given_up(tmp_path):
+    from backend.studio.jobs import MAX_RESUMES
+    from backend.studio.service import HCCService
+    from backend.studio.settings import Settings
+
+    service = HCCService(Settings(model_dir=tmp_path))
+    store = service.store(4)
+    store.set("label_config", "<View/>")
+    store.update("job", state="running", kind="prelabel", owner="1-gone", resumed=True, resumes=MAX_RESUMES)
+    assert service.resume_jobs() == []
+    assert store.get("job")["state"] == "failed" and "interrupted" in store.get("job")["error"]
+
+
+def test_a_job_retries_while_label_studio_is_down_and_fails_at_once_on_a_refusal(tmp_path):
+    from backend.studio.client import StudioError
+    from backend.studio.jobs import run_recorded
+    from backend.studio.store import ProjectStore
+
+    store = ProjectStore(tmp_path)
+    calls, seen = [], []
+
+    def flaky() -> dict:
+        calls.append(1)
+        seen.append(store.get("job")["state"])
+        if len(calls) < 3:
+            raise StudioError("cannot reach Label Studio", retryable=True)
+        return {"written": 5}
+
+    summary = run_recorded(store, "prelabel", flaky, project_id=1, expected=(StudioError,),
+                           retryable=lambda exc: exc.retryable, retries=3, retry_seconds=0.01)
+    assert summary is not None and summary["written"] == 5 and len(calls) == 3
+    assert store.get("job")["attempt"] == 2 and seen == ["running"] * 3  # "waiting" only between attempts
+
+    calls.clear()
+
+    def refused() -> dict:
+        calls.append(1)
+        raise StudioError("rejected LABEL_STUDIO_API_KEY (401)")
+
+    assert run_recorded(store, "prelabel", refused, project_id=1, expected=(StudioError,),
+                        retryable=lambda exc: exc.retryable, retries=3, retry_seconds=0.01) is None
+    assert len(calls) == 1 and store.get("job")["state"] == "failed"
