@@ -464,8 +464,9 @@ class HCCService:
         store.update("job", step="writing predictions", done=0, total=len(new) + len(updates))
         client.import_predictions(model.project_id, new)
         client.update_predictions(updates)
-        if new:  # the bulk import does not return ids: read them back once
-            ids = client.prediction_ids(model.project_id, version)
+        if new:  # the bulk import does not return ids: read them back once (which also deletes duplicates)
+            tracked = {pid for pid, _ in known.values() if pid is not None} | set(updates)
+            ids = client.prediction_ids(model.project_id, version, keep=tracked)
             marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in marks.items()}
         store.mark_written(marks)
         # Only now: Label Studio refuses a model_version no prediction carries yet.
