@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -190,13 +190,25 @@ class StudioClient:
                 raise _explain(exc, self.url, f"delete prediction {pid}") from exc
         self._parallel(one, list(prediction_ids))
 
-    def update_meta(self, metas: dict[int, dict[str, Any]], *, merge: bool = False) -> None:
-        """task id -> the task's new meta (merged into the current one when ``merge``); sent concurrently."""
-        def one(item):
+    def update_meta(self, metas: dict[int, dict[str, Any]], *, merge: bool = False,
+                    owned: Iterable[str] = ()) -> None:
+        """task id -> the task's new meta; sent concurrently.
+
+        With ``merge`` the meta is merged into the task's meta as it is right before the write (Label Studio's
+        PATCH replaces ``meta`` whole, so a key someone set since any earlier listing would otherwise be lost):
+        the given keys win, the ``owned`` keys (the writer's own) are taken from the given meta only, so one it
+        no longer writes is removed rather than kept, and every other key stays. A task whose meta would not
+        change is not written.
+        """
+        owned = frozenset(owned)
+
+        def one(item: tuple[int, dict[str, Any]]) -> None:
             task_id, meta = item
             if merge:
                 current = self._call(f"read task {task_id}", self._sdk.tasks.get, id=str(task_id)).meta or {}
-                meta = {**current, **meta}
+                meta = {**{k: v for k, v in current.items() if k not in owned}, **meta}
+                if meta == current:
+                    return
             self._call(f"update the meta of task {task_id}", self._sdk.tasks.update, id=str(task_id), meta=meta)
         self._parallel(one, list(metas.items()))
 

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 PRELABEL_EVENTS = ("TASKS_CREATED",)
 TRAINING_EVENTS = ("START_TRAINING",)
+# The task meta keys a classification project's predictions own (Prediction.meta); others' keys are kept.
+TASK_META_KEYS = ("needs_review", "hcc_stage", "hcc_labels")
 
 
 def pairwise_target(label_config: str) -> PairwiseTarget | None:
@@ -458,8 +460,7 @@ class HCCService:
                 new.append({"task": task_id, "result": pred.result, "score": pred.score, "model_version": version})
             else:
                 updates[pid] = {"result": pred.result, "score": pred.score}
-            old_meta = (tasks or {}).get(task_id, {}).get("meta") or {}
-            metas[task_id] = {**old_meta, **pred.meta(record)}
+            metas[task_id] = pred.meta(record)
             marks[task_id] = (pid, written)
         store.update("job", step="writing predictions", done=0, total=len(new) + len(updates))
         client.import_predictions(model.project_id, new)
@@ -477,7 +478,9 @@ class HCCService:
             store.update("job", step="deleting the previous model's predictions", done=0, total=len(stale))
             client.delete_predictions(stale)
         store.update("job", step="writing task meta", done=0, total=len(metas))
-        client.update_meta(metas, merge=tasks is None)  # without a fresh listing, keep others' meta keys
+        # Merged into each task's meta as it is right before its write, not the listing's (minutes old in a
+        # pre-label): Label Studio's PATCH replaces meta whole, and a key someone set since must not be lost.
+        client.update_meta(metas, merge=True, owned=TASK_META_KEYS)
         return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,
                 "scores": scores.message}
 

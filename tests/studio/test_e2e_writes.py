@@ -143,3 +143,36 @@ def test_the_next_write_deletes_an_old_duplicate_and_keeps_the_tracked_predictio
     assert len(tasks) == 4
     assert all(len(_versions(t, version)) == 1 for t in tasks)
     assert _versions(next(t for t in tasks if t["id"] == task["id"]), version) == [tracked]
+
+
+# -- item 6: task meta keys set by others survive our writes ------------------------------------------------
+def test_a_meta_key_set_during_a_prelabel_survives_its_meta_write(ls, proxy, service):
+    project_id = _project(ls, n_tasks=3)
+    first = _unlabelled(ls, project_id)[0]["id"]
+    done: list[int] = []
+
+    def reviewer_sets_a_key(method: str, path: str) -> None:  # after the job's listing, before its meta write
+        if not done:
+            done.append(1)
+            ls.tasks.update(id=str(first), meta={"reviewer_note": "check the amount"})
+    proxy.on("POST", IMPORT, reviewer_sets_a_key)
+    _prelabel(service, project_id)
+    assert done
+    meta = next(t for t in _unlabelled(ls, project_id) if t["id"] == first)["meta"]
+    assert meta["reviewer_note"] == "check the amount"
+    assert meta["hcc_stage"] and "needs_review" in meta and "hcc_labels" in meta
+
+
+def test_our_meta_keys_are_replaced_or_removed_and_others_kept(ls, proxy, label_studio):
+    project_id = _project(ls, n_tasks=1)
+    task_id = _unlabelled(ls, project_id)[0]["id"]
+    ls.tasks.update(id=str(task_id), meta={"needs_review": True, "hcc_stage": "combined", "hcc_gone": 1,
+                                           "team": "payments"})
+    client = StudioClient(proxy.url, label_studio["token"])
+    ours = {"needs_review": False, "hcc_stage": "consistent"}
+    client.update_meta({task_id: ours}, merge=True, owned=("needs_review", "hcc_stage", "hcc_gone"))
+    assert ls.tasks.get(id=str(task_id)).meta == {**ours, "team": "payments"}
+    proxy.clear()
+    client.update_meta({task_id: ours}, merge=True, owned=("needs_review", "hcc_stage", "hcc_gone"))
+    assert proxy.count("PATCH", r"^/api/tasks/") == 0  # nothing changed: no write
+    assert ls.tasks.get(id=str(task_id)).meta == {**ours, "team": "payments"}
