@@ -8,7 +8,8 @@ records. Secrets (the API key) are never logged or put into error messages.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,10 @@ log = logging.getLogger(__name__)
 REVIEW_TAB_TITLE = "Needs review"
 PAGE_SIZE = 500
 WRITE_BATCH = 500
+# One bulk import of a batch, then up to this many read-back-and-import rounds for a batch whose answer was lost.
+IMPORT_RETRIES = 3
+# The bulk import is not idempotent, so the SDK must not repeat it blind (see ``import_predictions``).
+NO_RETRY: dict[str, Any] = {"max_retries": 0}
 
 
 class StudioError(RuntimeError):
@@ -103,18 +108,75 @@ class StudioClient:
 
     # -- writes ------------------------------------------------------------------------------------
     def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> None:
-        for start in range(0, len(predictions), WRITE_BATCH):
-            batch = predictions[start:start + WRITE_BATCH]
-            self._call(f"write {len(batch)} predictions to project {project_id}",
-                       self._sdk.projects.import_predictions, id=project_id, request=batch)
+        """Create predictions in batches, at most one per task and model version whatever happens to a batch.
 
-    def prediction_ids(self, project_id: int, model_version: str) -> dict[int, int]:
-        """task id -> id of its prediction with this model version."""
+        The bulk import is not idempotent: a proxy answering 502 (or a connection dropped, or a timeout) after
+        Label Studio committed a batch looks like a failure, and the SDK's automatic retry would import the batch
+        a second time. So the import goes without the SDK's retries; after a failure that may have been lost in
+        transit, we read back which tasks of the batch now have a prediction of their version and send only the
+        others, a bounded number of times with growing pauses. A refusal (400, 401, 404) is raised at once.
+        The PATCHes and reads elsewhere are idempotent and keep the SDK's retries.
+        """
+        for start in range(0, len(predictions), WRITE_BATCH):
+            self._import_batch(project_id, predictions[start:start + WRITE_BATCH])
+
+    import_backoff = 1.0  # seconds before the first read-back of a failed batch, doubled each round (tests shorten it)
+
+    def _import_batch(self, project_id: int, batch: list[dict[str, Any]]) -> None:
+        what = f"write {len(batch)} predictions to project {project_id}"
+        pending = batch
+        for attempt in range(IMPORT_RETRIES + 1):
+            if attempt:
+                # Pause first: after a timeout Label Studio may still be committing the batch we read back.
+                time.sleep(self.import_backoff * 2 ** (attempt - 1))
+                try:
+                    pending = self._without_prediction(batch)
+                except StudioError as exc:
+                    error = exc
+                    continue
+                if not pending:
+                    return
+            try:
+                self._sdk.projects.import_predictions(id=project_id, request=pending, request_options=NO_RETRY)
+                return
+            except Exception as exc:
+                error = _explain(exc, self.url, what)
+                error.__cause__ = exc
+                if not _maybe_lost(exc):
+                    raise error from exc
+                log.warning("project %s: %s (attempt %d of %d); reading back what Label Studio stored",
+                            project_id, error, attempt + 1, IMPORT_RETRIES + 1)
+        raise error
+
+    def _without_prediction(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The predictions of ``batch`` whose task has no prediction of their model version in Label Studio."""
+        def stored(task_id: int) -> set[str]:
+            preds = self._call(f"list the predictions of task {task_id}", self._sdk.predictions.list, task=task_id)
+            return {p.model_version or "" for p in preds}
+        task_ids = sorted({int(p["task"]) for p in batch})
+        versions = dict(zip(task_ids, self._parallel(stored, task_ids), strict=True))
+        return [p for p in batch if (p.get("model_version") or "") not in versions[int(p["task"])]]
+
+    def prediction_ids(self, project_id: int, model_version: str, *, keep: Collection[int] = ()) -> dict[int, int]:
+        """task id -> id of its prediction with this model version; surplus predictions of that version are deleted.
+
+        A task should have one prediction per model version; more come from a bulk import whose lost answer was
+        retried (by an older backend, or by ours after a timeout while Label Studio was still committing). Since
+        the backend reads every id here anyway, it repairs them: of a task's predictions of this version it keeps
+        the one in ``keep`` (the ids the caller tracks), else the newest, which is the one the readers pick.
+        """
         ids: dict[int, int] = {}
+        surplus: list[int] = []
         for task in self.tasks(project_id):
-            for pred in task.predictions:
-                if pred.get("model_version") == model_version:
-                    ids[task.id] = max(ids.get(task.id, 0), int(pred["id"]))
+            mine = sorted(int(p["id"]) for p in task.predictions if p.get("model_version") == model_version)
+            if mine:
+                kept = max((i for i in mine if i in keep), default=mine[-1])
+                ids[task.id] = kept
+                surplus += [i for i in mine if i != kept]
+        if surplus:
+            log.warning("project %s: deleting %d duplicate predictions of model version %s", project_id,
+                        len(surplus), model_version)
+            self.delete_predictions(surplus)
         return ids
 
     def prediction_id(self, task_id: int, model_version: str) -> int | None:
@@ -142,13 +204,25 @@ class StudioClient:
                 raise _explain(exc, self.url, f"delete prediction {pid}") from exc
         self._parallel(one, list(prediction_ids))
 
-    def update_meta(self, metas: dict[int, dict[str, Any]], *, merge: bool = False) -> None:
-        """task id -> the task's new meta (merged into the current one when ``merge``); sent concurrently."""
-        def one(item):
+    def update_meta(self, metas: dict[int, dict[str, Any]], *, merge: bool = False,
+                    owned: Iterable[str] = ()) -> None:
+        """task id -> the task's new meta; sent concurrently.
+
+        With ``merge`` the meta is merged into the task's meta as it is right before the write (Label Studio's
+        PATCH replaces ``meta`` whole, so a key someone set since any earlier listing would otherwise be lost):
+        the given keys win, the ``owned`` keys (the writer's own) are taken from the given meta only, so one it
+        no longer writes is removed rather than kept, and every other key stays. A task whose meta would not
+        change is not written.
+        """
+        owned = frozenset(owned)
+
+        def one(item: tuple[int, dict[str, Any]]) -> None:
             task_id, meta = item
             if merge:
                 current = self._call(f"read task {task_id}", self._sdk.tasks.get, id=str(task_id)).meta or {}
-                meta = {**current, **meta}
+                meta = {**{k: v for k, v in current.items() if k not in owned}, **meta}
+                if meta == current:
+                    return
             self._call(f"update the meta of task {task_id}", self._sdk.tasks.update, id=str(task_id), meta=meta)
         self._parallel(one, list(metas.items()))
 
@@ -176,12 +250,19 @@ class StudioClient:
                           project=project_id, data=data)
         return int(view.id)
 
-    def _parallel(self, fn, items: list) -> None:
+    def _parallel(self, fn: Callable[[Any], Any], items: list) -> list:
+        """``fn`` over ``items``, ``concurrency`` at a time; their results in order."""
         if not items:
-            return
+            return []
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for _ in pool.map(fn, items):
-                pass
+            return list(pool.map(fn, items))
+
+
+def _maybe_lost(exc: Exception) -> bool:
+    """Whether a failed write may have been committed or may succeed later: no answer (a dropped connection, a
+    timeout), a 5xx (e.g. a proxy's 502 after Label Studio answered), 408, 409 or 429. Not a refusal."""
+    status = getattr(exc, "status_code", None)
+    return status is None or status >= 500 or status in (408, 409, 429)
 
 
 def _task_record(task: dict[str, Any]) -> TaskRecord:

@@ -40,6 +40,8 @@ PRELABEL_EVENTS = ("TASKS_CREATED",)
 TRAINING_EVENTS = ("START_TRAINING",)
 PREDICT_MARGIN_SECONDS = 5.0  # of /predict's time kept for the encoder-only answer and the reply
 LATE_WRITE_DELAY_SECONDS = 5.0  # Label Studio stores a /predict answer's predictions within this
+# The task meta keys a classification project's predictions own (Prediction.meta); others' keys are kept.
+TASK_META_KEYS = ("needs_review", "hcc_stage", "hcc_labels")
 
 
 def pairwise_target(label_config: str) -> PairwiseTarget | None:
@@ -590,14 +592,14 @@ class HCCService:
                 new.append({"task": task_id, "result": pred.result, "score": pred.score, "model_version": version})
             else:
                 updates[pid] = {"result": pred.result, "score": pred.score}
-            old_meta = (tasks or {}).get(task_id, {}).get("meta") or {}
-            metas[task_id] = {**old_meta, **pred.meta(record)}
+            metas[task_id] = pred.meta(record)
             marks[task_id] = (pid, written)
         store.update("job", step="writing predictions", done=0, total=len(new) + len(updates))
         client.import_predictions(model.project_id, new)
         client.update_predictions(updates)
-        if new:  # the bulk import does not return ids: read them back once
-            ids = client.prediction_ids(model.project_id, version)
+        if new:  # the bulk import does not return ids: read them back once (which also deletes duplicates)
+            tracked = {pid for pid, _ in known.values() if pid is not None} | set(updates)
+            ids = client.prediction_ids(model.project_id, version, keep=tracked)
             marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in marks.items()}
         store.mark_written(marks)
         # Only now: Label Studio refuses a model_version no prediction carries yet.
@@ -608,7 +610,9 @@ class HCCService:
             store.update("job", step="deleting the previous model's predictions", done=0, total=len(stale))
             client.delete_predictions(stale)
         store.update("job", step="writing task meta", done=0, total=len(metas))
-        client.update_meta(metas, merge=tasks is None)  # without a fresh listing, keep others' meta keys
+        # Merged into each task's meta as it is right before its write, not the listing's (minutes old in a
+        # pre-label): Label Studio's PATCH replaces meta whole, and a key someone set since must not be lost.
+        client.update_meta(metas, merge=True, owned=TASK_META_KEYS)
         return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,
                 "scores": scores.message}
 
