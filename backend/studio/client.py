@@ -123,8 +123,26 @@ class StudioClient:
     import_backoff = 1.0  # seconds before the first read-back of a failed batch, doubled each round (tests shorten it)
 
     def _import_batch(self, project_id: int, batch: list[dict[str, Any]]) -> None:
-        what = f"write {len(batch)} predictions to project {project_id}"
+        self._send_missing(f"write {len(batch)} predictions to project {project_id}", batch,
+                           lambda pending: self._sdk.projects.import_predictions(id=project_id, request=pending,
+                                                                                 request_options=NO_RETRY))
+
+    def create_predictions(self, predictions: list[dict[str, Any]]) -> None:
+        """Create predictions one by one (concurrently) through ``/api/predictions``, each at most once (a lost
+        answer is read back like a bulk import's)."""
+        def one(pred: dict[str, Any]) -> None:
+            self._send_missing(f"write the prediction of task {pred['task']}", [pred], lambda pending: [
+                self._sdk.predictions.create(task=p["task"], result=p["result"], score=p["score"],
+                                             model_version=p["model_version"], request_options=NO_RETRY)
+                for p in pending])
+        self._parallel(one, predictions)
+
+    def _send_missing(self, what: str, batch: list[dict[str, Any]], send: Callable[[list[dict[str, Any]]], Any],
+                      ) -> None:
+        """``send`` the predictions of ``batch`` without the SDK's blind retries; after a failure whose answer may
+        have been lost, read back which of them Label Studio stored and send only the others (bounded)."""
         pending = batch
+        error: StudioError | None = None
         for attempt in range(IMPORT_RETRIES + 1):
             if attempt:
                 # Pause first: after a timeout Label Studio may still be committing the batch we read back.
@@ -137,15 +155,16 @@ class StudioClient:
                 if not pending:
                     return
             try:
-                self._sdk.projects.import_predictions(id=project_id, request=pending, request_options=NO_RETRY)
+                send(pending)
                 return
             except Exception as exc:
                 error = _explain(exc, self.url, what)
                 error.__cause__ = exc
                 if not _maybe_lost(exc):
                     raise error from exc
-                log.warning("project %s: %s (attempt %d of %d); reading back what Label Studio stored",
-                            project_id, error, attempt + 1, IMPORT_RETRIES + 1)
+                log.warning("%s (attempt %d of %d); reading back what Label Studio stored", error, attempt + 1,
+                            IMPORT_RETRIES + 1)
+        assert error is not None
         raise error
 
     def _without_prediction(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -246,8 +265,18 @@ class StudioClient:
                 if view.data.get("filters") != data["filters"]:
                     self._call("update the review tab", self._sdk.views.update, id=str(view.id), data=data)
                 return int(view.id)
-        view = self._call(f"create the review tab of project {project_id}", self._sdk.views.create,
-                          project=project_id, data=data)
+        try:  # without the SDK's blind retry: a lost answer must not make a second tab
+            view = self._sdk.views.create(project=project_id, data=data, request_options=NO_RETRY)
+        except Exception as exc:
+            if not _maybe_lost(exc):
+                raise _explain(exc, self.url, f"create the review tab of project {project_id}") from exc
+            time.sleep(self.import_backoff)
+            views = self._call(f"list the tabs of project {project_id}", self._sdk.views.list, project=project_id)
+            found = [v for v in views if isinstance(v.data, dict) and v.data.get("title") == REVIEW_TAB_TITLE]
+            if found:
+                return int(found[0].id)
+            view = self._call(f"create the review tab of project {project_id}", self._sdk.views.create,
+                              project=project_id, data=data, request_options=NO_RETRY)
         return int(view.id)
 
     def _parallel(self, fn: Callable[[Any], Any], items: list) -> list:

@@ -592,15 +592,11 @@ class PairwiseProjectModel:
 
 
 def create_predictions(client: StudioClient, predictions: list[dict[str, Any]]) -> None:
-    """Create predictions one by one (concurrently) through ``/api/predictions``.
+    """Create predictions one by one through ``/api/predictions`` (``StudioClient.create_predictions``: each at
+    most once, whatever happens to an answer).
 
     Not ``client.import_predictions``: Label Studio 1.23.2's bulk import validates each result with the SDK's
     LabelInterface, which wants ``to_name`` to be an object tag, and silently drops the ``<Pairwise>`` shape
     the labelling UI itself writes (``to_name`` = the control's name) with ``{"created": 0}``.
     """
-    sdk = client._sdk  # StudioClient has no one-by-one writer; it keeps the SDK and the error wrapping
-
-    def one(pred: dict[str, Any]) -> None:
-        client._call(f"write the prediction of task {pred['task']}", sdk.predictions.create, task=pred["task"],
-                     result=pred["result"], score=pred["score"], model_version=pred["model_version"])
-    client._parallel(one, predictions)
+    client.create_predictions(predictions)

@@ -176,3 +176,28 @@ def test_our_meta_keys_are_replaced_or_removed_and_others_kept(ls, proxy, label_
     client.update_meta({task_id: ours}, merge=True, owned=("needs_review", "hcc_stage", "hcc_gone"))
     assert proxy.count("PATCH", r"^/api/tasks/") == 0  # nothing changed: no write
     assert ls.tasks.get(id=str(task_id)).meta == {**ours, "team": "payments"}
+
+
+@pytest.mark.parametrize("mode", ["502_after", "drop_after"])
+def test_a_lost_answer_to_a_single_prediction_or_the_review_tab_never_makes_a_second(ls, proxy, service, mode):
+    """The other creating calls (a comparison project's one-by-one predictions, the review tab) had the SDK's
+    blind retry: a 502 after Label Studio committed one made a second."""
+    project_id = _project(ls, n_tasks=2)
+    client = service.client()
+    tasks = _unlabelled(ls, project_id)
+    version = "hcc-single-writes"
+    predictions = [{"task": t["id"], "result": _choice(CLASSES[0]), "score": 0.5, "model_version": version}
+                   for t in tasks]
+    fault = proxy.fault("POST", r"^/api/predictions/?$", mode, times=len(tasks))
+    from backend.studio.pairwise import create_predictions
+
+    create_predictions(client, predictions)  # how a comparison project writes its predictions
+    assert fault.hits == len(tasks)
+    for task in _unlabelled(ls, project_id):
+        assert len(_versions(task, version)) == 1, f"task {task['id']}: {task['predictions']}"
+
+    tab_fault = proxy.fault("POST", r"^/api/dm/views/?$", mode, times=1)
+    tab = client.ensure_review_tab(project_id, threshold=0.5)
+    assert tab_fault.hits == 1
+    tabs = [v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review"]
+    assert [int(v.id) for v in tabs] == [tab]
