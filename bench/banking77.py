@@ -198,7 +198,7 @@ def run_ablation(args, enc, anchors, sample, labels, cache) -> dict:
             t0 = time.perf_counter()
             res = pipe.annotate(row_texts, progress=True)
             row = hcc_row(res.records, row_gold)
-            row["cai_before"], row["cai_after"] = res.report["cai_before"], res.report["cai_after"]
+            row["cai"], row["resolved_ratio"] = res.report["cai"], res.report["resolved_ratio"]
             row["seconds"] = round(time.perf_counter() - t0, 1)
             row["llm"] = dict(res.report["llm"])
             rows[name] = row

@@ -19,6 +19,14 @@ def stage(row: dict, name: str) -> str:
     return f"{n} / {pct(row.get(f'{name}_acc'))}" if n else "0 / -"
 
 
+def _ratio(row: dict) -> str:
+    """Settled by DCCA / unresolved (results written before it had its own name keep it as ``cai_after``)."""
+    value = row.get("resolved_ratio", row.get("cai_after"))
+    if value is None or value >= 1e5:  # nothing unresolved (old results stored 1/eps)
+        return "-"
+    return f"{value:.3f}"
+
+
 def encoder_table(result: dict) -> list[str]:
     lines = [f"Encoder `{result['encoder']}`, {result['anchors']} anchors, all {result['test_items']} test items:", "",
              "| classifier | accuracy |", "|---|---|"]
@@ -38,14 +46,14 @@ def ablation_table(result: dict) -> list[str]:
     lines = [f"LLM `{result.get('llm_model')}`, {result['llm_items']} test items (seed {result['seed']}); "
              "stage cells are items / accuracy %:", "",
              "| configuration | encoder | LLM zero-shot | LLM hinted | LLM few-shot | hint copied | consistent C "
-             "| CAI before | round 1 | round 2 | unresolved | CAI after | **HCC final** |",
+             "| CAI | round 1 | round 2 | unresolved | settled / unresolved | **HCC final** |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         lines.append(
             f"| {name} | {pct(row.get('encoder_label'))} | {pct(row.get('llm_zero_shot'))} "
             f"| {pct(row.get('llm_hinted'))} | {pct(row.get('llm_few_shot'))} | {pct(row.get('hint_copied'))} "
-            f"| {stage(row, 'consistent')} | {row['cai_before']:.3f} | {stage(row, 'round1')} "
-            f"| {stage(row, 'round2')} | {stage(row, 'unresolved')} | {row['cai_after']:.3f} "
+            f"| {stage(row, 'consistent')} | {row.get('cai', row.get('cai_before', 0.0)):.3f} | {stage(row, 'round1')} "
+            f"| {stage(row, 'round2')} | {stage(row, 'unresolved')} | {_ratio(row)} "
             f"| **{pct(row['final'])}** |")
     return lines + [""]
 

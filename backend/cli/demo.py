@@ -76,12 +76,12 @@ def result_table(records: list[dict[str, Any]], gold: list[str], report: dict[st
     for stage, row in scores["stages"].items():
         lines.append(f"{'stage ' + stage:28}{row['n']:>8}{_pct(row['accuracy']):>10}")
     lines.append(f"{'HCC final':28}{scores['n']:>8}{_pct(scores['accuracy']):>10}")
-    if "cai_after" in report:
-        # CAI = consistent / (inconsistent + eps): with nothing left unresolved it is 1/eps, not a useful number.
-        after = f"{report['cai_after']:.3f}" if report.get("stages", {}).get("unresolved") else "- (all resolved)"
-        lines.append(f"CAI before {report['cai_before']:.3f}, after {after}")
-    elif "cai_before" in report:
-        lines.append(f"CAI {report['cai_before']:.3f} (views agree / disagree, on the items the LLM was asked)")
+    if "resolved_ratio" in report:
+        ratio = report["resolved_ratio"]
+        settled = f"{ratio:.3f}" if ratio is not None else "- (all resolved)"
+        lines.append(f"CAI {report['cai']:.3f}; settled by DCCA / unresolved {settled}")
+    elif "cai" in report:
+        lines.append(f"CAI {report['cai']:.3f} (views agree / disagree, on the items the LLM was asked)")
     if "combination" in report:
         lines.append(f"views: {report['combination'].get('message', 'encoder alone (no LLM)')}")
     return "\n".join(lines)

@@ -735,12 +735,14 @@ class HCCPipeline:
         if cfg.combine == "pool":
             answered = n_cons + stages.get("combined", 0)
             if answered:  # CAI over the items both the encoder and the LLM labelled
-                report["cai_before"] = round(cai(n_cons, answered - n_cons, cfg.eps), 6)
+                report["cai"] = round(cai(n_cons, answered - n_cons, cfg.eps), 6)
             if self.llm is not None:
                 report["llm"] = self.llm.stats.as_dict()
         elif "encoder_only" not in stages:
-            report["cai_before"] = round(cai(n_cons, n_active - n_cons, cfg.eps), 6)
-            report["cai_after"] = round(cai(n_active - n_unres, n_unres, cfg.eps), 6)
+            # The paper's CAI: consistent / inconsistent items. The share DCCA settled is another quantity
+            # (settled / unresolved: 1/eps when nothing is left), so it has its own name and no 1/eps.
+            report["cai"] = round(cai(n_cons, n_active - n_cons, cfg.eps), 6)
+            report["resolved_ratio"] = round((n_active - n_unres) / n_unres, 6) if n_unres else None
             if self.llm is not None:
                 report["llm"] = self.llm.stats.as_dict()
         return report

@@ -43,16 +43,16 @@ def test_result_table_lists_annotators_stages_and_cai() -> None:
         {"label": "a", "stage": "consistent", "encoder_label": "a", "llm_zero_shot": "a", "llm_hinted": "a"},
         {"label": "b", "stage": "round1", "encoder_label": "b", "llm_zero_shot": "c", "llm_hinted": "b"},
     ]
-    table = demo.result_table(records, ["a", "c"], {"cai_before": 1.0, "cai_after": 2.0,
+    table = demo.result_table(records, ["a", "c"], {"cai": 1.0, "resolved_ratio": 2.0,
                                                     "stages": {"unresolved": 1}})
     lines = table.splitlines()
     assert any(line.startswith("LLM zero-shot") and line.endswith("100.00") for line in lines)
     assert any(line.startswith("stage round1") and line.endswith("0.00") for line in lines)
     assert any(line.startswith("HCC final") and line.endswith("50.00") for line in lines)
-    assert lines[-1] == "CAI before 1.000, after 2.000"
+    assert lines[-1] == "CAI 1.000; settled by DCCA / unresolved 2.000"
 
 
 def test_result_table_does_not_print_one_over_eps_when_all_resolved() -> None:
     records = [{"label": "a", "stage": "round1", "encoder_label": "a"}]
-    table = demo.result_table(records, ["a"], {"cai_before": 0.0, "cai_after": 1e6, "stages": {"round1": 1}})
-    assert table.splitlines()[-1] == "CAI before 0.000, after - (all resolved)"
+    table = demo.result_table(records, ["a"], {"cai": 0.0, "resolved_ratio": None, "stages": {"round1": 1}})
+    assert table.splitlines()[-1] == "CAI 0.000; settled by DCCA / unresolved - (all resolved)"

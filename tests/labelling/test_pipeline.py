@@ -247,7 +247,7 @@ def test_pipeline_without_llm_uses_the_encoder_alone():
     assert not any(key.startswith("llm_") for key in out.records[0])
     assert out.final_labels.tolist() == [0, 1, 2]
     assert out.report["stages"] == {"encoder_only": 3}
-    assert "cai_before" not in out.report and "llm" not in out.report
+    assert "cai" not in out.report and "llm" not in out.report
 
 
 def test_pipeline_with_llm_records_and_report():
@@ -287,8 +287,8 @@ def test_pipeline_with_llm_records_and_report():
     rep = out.report
     assert rep["items"] == 6 and rep["anchors"] == 3
     assert rep["stages"] == {"consistent": 2, "round1": 2, "skipped": 1, "unresolved": 1}
-    assert rep["cai_before"] == pytest.approx(2 / 3, abs=1e-5)  # 2 consistent of 5 active
-    assert rep["cai_after"] == pytest.approx(4.0, abs=1e-4)  # 4 settled, 1 unresolved
+    assert rep["cai"] == pytest.approx(2 / 3, abs=1e-5)  # 2 consistent of 5 active
+    assert rep["resolved_ratio"] == pytest.approx(4.0)  # 4 settled, 1 unresolved: not called CAI
     assert rep["llm"] == LLMStats(calls=7, invalid=1).as_dict()
     assert rep["config"]["llm_views"] == ["zero_shot", "hinted"]
 
