@@ -748,12 +748,19 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main_commit() -> str:
+def git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%H %s"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
+
+
+def measured_code() -> dict[str, str]:
+    """The checkout measured, and the newest main commit it contains (the backend code is main's)."""
+    base = git("merge-base", "HEAD", "main")
+    return {"head": git("log", "-1", "--format=%h %s"), "main_in_head": git("log", "-1", "--format=%h %s", base),
+            "dirty": git("status", "--porcelain", "--untracked-files=no") != ""}
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -851,7 +858,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ops = load.calls
         return {
             "machine": "2 vCPU AMD EPYC, 24 GB, no GPU (shared with other work)",
-            "main_commit": main_commit(), "seed": args.seed, "quick": args.quick,
+            "code": measured_code(), "seed": args.seed, "quick": args.quick,
             "tasks": args.tasks, "anchor_tasks": n_anchors, "review_pool": len(review_pool),
             "llm_delay_s": args.llm_delay, "webhook_rate_per_s": args.webhook_rate, "windows": asdict(windows),
             "studio_proxy_stall_each_s": studio_proxy.stall_seconds,
