@@ -449,7 +449,12 @@ class ProjectModel:
         return fallback
 
     def _llm_answered(self) -> None:
-        if self.has_llm and self.llm_problem is not None:
+        if not self.has_llm:
+            return
+        # The failure may have been recorded by another process (one killed since, or another worker): the
+        # store's record is cleared by whichever process sees the LLM answer, not only by the one that failed.
+        recorded = self.llm_problem is not None or (self.store.get("llm") or {}).get("ok") is False
+        if recorded:
             log.info("project %s: the LLM answers again", self.project_id)
             self.llm_problem = None
             self.store.set("llm", {"ok": True, "at": time.time()})

@@ -321,3 +321,16 @@ def test_an_expired_personal_access_token_is_reported_and_predict_still_answers(
     studio = service.check_label_studio_now()["label_studio"]
     assert studio["ok"] is False and "expired" in studio["error"] and expired not in studio["error"]
     assert expired not in caplog.text  # the token itself is never logged
+
+
+def test_an_llm_failure_recorded_by_a_process_now_gone_is_cleared_when_the_llm_answers(tmp_path, fault_server):
+    """Found by bench/faults.py: after a kill -9 and restart, /status kept the dead process's "LLM down"."""
+    fault_server.default = llm_label("yes")
+    service = HCCService(Settings(model_dir=tmp_path, llm_base_url=fault_server.url, llm_structured="json_object"))
+    client = create_app(HCCModel, service).test_client()
+    _project_with_anchors(service).store.set("llm", {"ok": False, "error": "cannot reach the LLM", "at": 1.0})
+    body = {"tasks": [{"id": 100, "data": {"text": "maybe, who knows"}}], "project": "3.0", "label_config": CONFIG}
+
+    assert client.post("/predict", json=body).status_code == 200
+    assert fault_server.request_count > 0  # the LLM was asked, and answered
+    assert client.get("/status?project=3").get_json()["llm"]["ok"] is True
