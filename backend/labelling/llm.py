@@ -269,12 +269,18 @@ class LLMAnnotator:
         ]
         return self._run(messages, list(cands), progress)
 
-    def choose(self, texts: Sequence[str], candidates: Sequence[Sequence[str]], *, progress=None) -> list[LLMAnswer]:
+    def choose(self, texts: Sequence[str], candidates: Sequence[Sequence[str]], *,
+               examples: Sequence[Mapping[str, str] | None] | None = None, progress=None) -> list[LLMAnswer]:
         """Each text's choice among its candidate labels (at most 20), answered with the label's name. With
         token logprobs (asked for unless the server refuses them) every candidate gets a probability
-        (``distribution``, see :func:`candidate_distribution`); without them the chosen one alone is known."""
+        (``distribution``, see :func:`candidate_distribution`); without them the chosen one alone is known.
+        ``examples[i]`` (label -> text) shows text ``i``'s candidates by a labelled example each."""
         cands = [list(c)[:_MAX_CHOICES] for c in candidates]
-        messages = [prompts.choice_message(t, c, self.descriptions) for t, c in zip(texts, cands, strict=True)]
+        shown = list(examples) if examples is not None else [None] * len(cands)
+        if len(shown) != len(cands):
+            raise ValueError(f"{len(cands)} texts but {len(shown)} example sets")
+        messages = [prompts.choice_message(t, c, self.descriptions, e)
+                    for t, c, e in zip(texts, cands, shown, strict=True)]
         return self._run(messages, cands, progress, choices=cands)
 
     @property

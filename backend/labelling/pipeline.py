@@ -196,6 +196,7 @@ class HCCConfig:
     llm_gate: float = 0.95  # pool: ask the LLM only where the encoder's calibrated P(top label) is below this
     anchor_llm_cap: int = 100  # pool: at most this many anchors are asked to weigh the views
     pool_l2: float = 1.0  # pool: L2 pull of the view weights toward (encoder 1, LLM views 0)
+    choice_examples: bool = False  # pool: show each candidate by its anchor nearest to the text
     label_prototypes: bool = True  # a label without anchors is scored by its embedded name (and description)
 
     def validate(self) -> None:
@@ -375,7 +376,8 @@ class HCCPipeline:
             if len(gated):
                 evidence.recall = float(np.mean([truth[i] in candidates[i] for i in gated]))
             texts = [self.anchor_texts[rows[i]] for i in asked]
-            answers = self._ask(texts, candidates[asked], scores[asked], progress, "anchors")
+            answers = self._ask(texts, candidates[asked], scores[asked], progress, "anchors",
+                                vectors=self.anchor_vectors[rows[asked]], own=rows[asked])
             features = candidate_features(candidates[asked], log_probs[asked],
                                           [self._view_probs(answers[v]) for v in cfg.llm_views])
             target = np.array([_slot(candidates[i], truth[i]) for i in asked], dtype=np.int64)
@@ -419,15 +421,19 @@ class HCCPipeline:
             return gated
         return np.sort(np.argsort(confident, kind="stable")[:floor])
 
-    def _ask(self, texts: list[str], candidates: np.ndarray, scores: np.ndarray, progress, what: str
-             ) -> dict[str, list]:
-        """Each LLM view's answers for ``texts`` (``candidates``: their candidate classes)."""
+    def _ask(self, texts: list[str], candidates: np.ndarray, scores: np.ndarray, progress, what: str, *,
+             vectors: np.ndarray | None = None, own: np.ndarray | None = None) -> dict[str, list]:
+        """Each LLM view's answers for ``texts`` (``candidates``: their candidate classes; ``vectors``: their
+        embeddings, for the choice view's examples; ``own``: for anchors, their own position, never shown
+        as their own example)."""
         out: dict[str, list] = {}
         for view in self.config.llm_views:
             bar, tick = _ticker(progress, f"{view} ({what})", len(texts))
             if view == "choice":
+                examples = (self._choice_examples(vectors, candidates, own)
+                            if self.config.choice_examples and vectors is not None else None)
                 out[view] = self.llm.choose(texts, [[self.labels[c] for c in row if c >= 0] for row in candidates],
-                                            progress=tick)
+                                            examples=examples, progress=tick)
             elif view == "zero_shot":
                 out[view] = self.llm.zero_shot(texts, progress=tick)
             elif view == "hinted":
@@ -437,6 +443,29 @@ class HCCPipeline:
                 raise ValueError(f"the {view!r} view cannot be pooled; use choice, zero_shot or hinted")
             if bar:
                 bar.close()
+        return out
+
+    def _choice_examples(self, vectors: np.ndarray, candidates: np.ndarray, own: np.ndarray | None
+                         ) -> list[dict[str, str]]:
+        """Per text, each candidate label's anchor nearest to it (label -> anchor text): the team's own use of
+        the label, which a small LLM reads more easily than a bare name. An anchor is never its own example,
+        nor is a copy of the text (cosine ~1)."""
+        if len(vectors) == 0 or len(self.anchor_labels) == 0:
+            return [{} for _ in range(len(vectors))]
+        sims = vectors @ self.anchor_vectors.T
+        sims[sims > 1.0 - 1e-4] = -np.inf
+        if own is not None:
+            sims[np.arange(len(vectors)), own] = -np.inf
+        out = []
+        for i, row in enumerate(candidates):
+            shown: dict[str, str] = {}
+            for c in row[row >= 0]:
+                of_label = np.flatnonzero(self.anchor_labels == c)
+                if len(of_label):
+                    best = of_label[np.argmax(sims[i, of_label])]
+                    if np.isfinite(sims[i, best]):
+                        shown[self.labels[c]] = self.anchor_texts[best]
+            out.append(shown)
         return out
 
     def _view_probs(self, answers: Sequence) -> list[dict[int, float] | None]:
@@ -474,7 +503,8 @@ class HCCPipeline:
         else:
             asked = outcome.probability < cfg.llm_gate
             idx = np.flatnonzero(asked)
-            got = self._ask([work[i] for i in idx], candidates[idx], scored.scores[idx], progress, "items")
+            got = self._ask([work[i] for i in idx], candidates[idx], scored.scores[idx], progress, "items",
+                            vectors=vectors[idx])
             views = {v: [None] * n for v in cfg.llm_views}
             for v in cfg.llm_views:
                 for j, i in enumerate(idx):

@@ -67,12 +67,23 @@ def choice_system_prompt(*, json_answer: bool = True) -> str:
     ])
 
 
-def choice_message(text: str, candidates: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+def choice_message(text: str, candidates: Sequence[str], descriptions: Mapping[str, str] | None = None,
+                   examples: Mapping[str, str] | None = None) -> str:
     """The candidates in the order given (the caller keeps it independent of any ranking); a label's
-    description follows its name when the team gave one."""
+    description follows its name when the team gave one, and ``examples`` (label -> a text the team gave
+    that label) show how the team uses it."""
     lines = ["Candidates:"]
     for label in candidates:
         note = (descriptions or {}).get(label)
         lines.append(f"- {label}: {note}" if note else f"- {label}")
+        example = (examples or {}).get(label)
+        if example:
+            lines.append(f'  labelled example: "{_one_line(example)}"')
     lines += ["", f"Text: {text}"]
     return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """An example as one short line: a long post would crowd out the candidates in a small model's context."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."

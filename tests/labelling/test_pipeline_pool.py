@@ -157,3 +157,26 @@ def test_a_restarted_pipeline_revotes_with_the_views_weights_it_had(encoder, fau
     again = restarted.annotate([r["text"] for r in TASKS], answers=answers)
     assert [r["label"] for r in again.records] == [r["label"] for r in first.records]
     assert fault_server.request_count == calls
+
+
+def shown_examples(body: dict[str, Any]) -> dict[str, str]:
+    """label -> example text of a choice-view request that shows examples."""
+    message = body["messages"][-1]["content"].split("\n\nText: ")[0]
+    return dict(re.findall(r'^- (\S+)\n  labelled example: "(.*)"$', message, flags=re.M))
+
+
+def test_each_candidate_is_shown_by_an_anchor_of_its_label_never_the_text_itself(
+        encoder, fault_server: FaultServer, tmp_path: Path) -> None:
+    fault_server.default = ORACLE
+    run(encoder, fault_server, tmp_path, choice_examples=True)
+    anchors = [(" ".join(r["text"].split()), r["category"]) for r in ANCHORS]
+    assert fault_server.requests
+    for body in fault_server.requests:
+        candidates, text = choice_request(body)
+        examples = shown_examples(body)
+        assert examples and set(examples) <= set(candidates)
+        for label, example in examples.items():
+            shown = example.removesuffix("...")  # a long example is cut short
+            givers = [t for t, lab in anchors if lab == label and t.startswith(shown)]
+            assert givers  # a human gave the example that label
+            assert " ".join(text.split()) not in givers  # an anchor is never its own example
