@@ -42,6 +42,9 @@ def _assignments(rng: np.random.Generator, n_users: int, n_per_user: int,
     total = n_users * n_per_user
     n_items = int(round(total / (1 + overlap_share * (overlap_size - 1))))
     n_shared = int(round(overlap_share * n_items)) if n_users >= overlap_size and overlap_size > 1 else 0
+    # Rounding can ask for more shared slots than there are choices (e.g. every item shared, 500 choices in
+    # groups of 3): keep whole groups only; the choices left over are items with one annotator.
+    n_shared = min(n_shared, total // max(overlap_size, 1))
     slots = rng.permutation(np.repeat(np.arange(n_users), n_per_user))
     shared = n_shared * overlap_size
     for _ in range(1000):  # swap a member of each group with a repeated user elsewhere until none is left
@@ -51,7 +54,8 @@ def _assignments(rng: np.random.Generator, n_users: int, n_per_user: int,
             break
         here = bad * overlap_size + rng.integers(0, overlap_size, len(bad))
         there = rng.integers(0, total, len(bad))
-        slots[here], slots[there] = slots[there], slots[here].copy()
+        for i, j in zip(here, there, strict=True):  # one swap at a time: a vectorised swap with repeated
+            slots[i], slots[j] = slots[j], slots[i]  # positions is not a permutation (choices get lost)
     item = np.concatenate([np.repeat(np.arange(n_shared), overlap_size),
                            np.arange(n_shared, n_shared + total - shared)])
     return item, slots
