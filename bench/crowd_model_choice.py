@@ -4,10 +4,11 @@ Every crowd set in ``../shared/data/crowd_workers`` (Snow et al. 2008: RTE, TEMP
 subsampled to 100 items (several draws: small real cases), and synthetic sets of several shapes, each
 over several seeds: small dense binary sets of class-biased workers (108 x 39, the shape of a public set
 where auto once lost 5 points to Dawid-Skene), class-biased and one-coin workers with 3 or 10 classes,
-and few labels per item. For every draw: consensus accuracy of majority vote, of the three fixed models
-(one-coin, Dawid-Skene, shrunk with 8 pseudo-labels) and of ``auto``; "best fixed" is the best of the three
-fixed models on that draw (an oracle: it looks at the gold labels). Nothing here was used to fit a constant
-except ``selection_z`` (see docs/comparison-mode.md, "Model choice").
+and few labels per item (3, and 2: too few to choose on). For every draw: consensus accuracy of majority
+vote, of the three fixed models (one-coin, Dawid-Skene, shrunk with 8 pseudo-labels) and of ``auto``;
+"best fixed" is the best of the three fixed models on that draw (an oracle: it looks at the gold labels).
+Nothing here was used to fit a constant except ``selection_z`` (see docs/comparison-mode.md, "Model
+choice").
 
     .venv/bin/python bench/crowd_model_choice.py                 # ~5 min on 2 busy cores
     .venv/bin/python bench/crowd_model_choice.py --markdown      # the table from the JSON
@@ -68,6 +69,9 @@ def cases() -> Iterator[tuple[str, int, pd.DataFrame, pd.Series]]:
                                                                                 seed=s),
         "3 classes, class-biased 300x20, 3 per item": lambda s: simulate_crowd(300, 20, 3, kind="class_biased",
                                                                                 seed=s),
+        "3 classes, class-biased 300x20, 2 per item": lambda s: simulate_crowd(300, 20, 2, kind="class_biased",
+                                                                                seed=s),
+        "3 classes, one-coin 300x20, 2 per item": lambda s: simulate_crowd(300, 20, 2, kind="one_coin", seed=s),
         "3 classes, one-coin 600x60, 3 per item": lambda s: simulate_crowd(600, 60, 3, kind="one_coin", seed=s),
         "10 classes, one-coin 300x30, 3 per item": lambda s: simulate_crowd(300, 30, 3, n_classes=10,
                                                                              kind="one_coin", seed=s),

@@ -25,15 +25,16 @@ by EM to its maximum a posteriori (the penalised log-likelihood never decreases,
   label of an item with at least 3 labels is hidden once (``folds`` folds, each hiding about a
   ``1/folds`` share of every item's labels, so the item keeps labels to infer its class from); each
   candidate is fitted on the rest and scores ``log sum_k P(k | other labels) Pi_u[k, l]`` for each hidden
-  label ``l`` of annotator ``u``. With ``d_i`` the per-label score of a candidate minus that of the
-  least-shrunk one, the candidate with the best mean is taken only when ``mean(d) > z * se(d)``, where
+  label ``l`` of annotator ``u`` (with too few such items, the least-shrunk candidate is kept). With
+  ``d_i`` the per-label score of a candidate minus that of the least-shrunk one, the candidate with the
+  best mean is taken only when ``mean(d) > z * se(d)``, where
   ``se`` is the standard error of the mean clustered by item (labels of one item share its posterior):
   ``se = sqrt(n_items * var_t(sum of d over item t)) / n_labels``, ``z = selection_z``. No gold is used.
   Why not the plain maximum: on small sets (a hundred items) the differences between candidates are within
   their noise, while the cost of a wrong pick is not symmetric. A one-coin matrix (and a matrix shrunk
   towards it) that is wrong for class-biased annotators costs 5 to 25 points of consensus accuracy on the
   sets measured, and still predicts held-out labels about as well, because most labels are on items whose
-  class every model gets right; the full matrix, when the one-coin one is right, costs 0 to 2.3 points
+  class every model gets right; the full matrix, when the one-coin one is right, costs 0 to 3.3 points
   (``docs/comparison-mode.md``, "Model choice").
 
 Every model reports ``eta_``: for the one-coin model its ``eta``; for a confusion matrix the same
@@ -272,16 +273,17 @@ class CategoricalAttentiveness:
             return fixed[self.model]
         sample = _item_sample(data, self.selection_items, self.seed)
         folds = _held_out_folds(sample, self.folds, self.seed)
+        reference = min(self.shrinkage_grid)  # the least restricted candidate, kept unless beaten clearly
         if folds is None:
-            log.warning("auto: too few items with several labels to compare models; using shrinkage %g",
-                        self.shrinkage)
-            return self.shrinkage
+            # No evidence either way: keep the candidate whose error is the smaller when it is the wrong one.
+            log.warning("auto: too few items with 3 or more labels to compare models; using shrinkage %g",
+                        reference)
+            return reference
         # The comparison needs the ranking of the candidates, not converged digits: a looser tolerance.
         priors = self._priors()
         priors.tol = max(priors.tol, 1e-6)
         hidden = folds >= 0
         scores = {s: _held_out_scores(sample, folds, s, priors)[hidden] for s in self.shrinkage_grid}
-        reference = min(self.shrinkage_grid)  # the least restricted candidate, kept unless beaten clearly
         for shrinkage, score in scores.items():
             self.selection_[shrinkage] = float(score.mean())
             self.selection_se_[shrinkage] = _clustered_se(score - scores[reference], sample.item[hidden])

@@ -119,6 +119,16 @@ def test_auto_leaves_the_full_matrix_only_when_the_gain_exceeds_the_noise() -> N
     assert fit(sim.labels, selection_z=1e9).shrinkage_ == 0.0
 
 
+def test_auto_without_items_to_compare_on_keeps_the_full_matrix() -> None:
+    # Two labels per item: no item can lose one and keep two, so nothing is held out. The fallback used
+    # to be the shrunk model (8 pseudo-labels), 7 points below Dawid-Skene on class-biased workers here.
+    sim = simulate_crowd(300, 20, 2, kind="class_biased", seed=0)
+    auto = fit(sim.labels)
+    full = fit(sim.labels, model="dawid_skene")
+    assert auto.selection_ == {} and auto.shrinkage_ == 0.0 and auto.model_ == "dawid_skene"
+    np.testing.assert_allclose(auto.posteriors_.to_numpy(), full.posteriors_.to_numpy())
+
+
 def test_shrinkage_interpolates_between_the_two_models() -> None:
     sim = simulate_crowd(200, 15, 4, kind="class_biased", seed=3)
     posterior = {name: fit(sim.labels, model=name).posteriors_ for name in ("one_coin", "dawid_skene")}
