@@ -27,9 +27,9 @@ by EM to its maximum a posteriori (the penalised log-likelihood never decreases,
   candidate is fitted on the rest and scores ``log sum_k P(k | other labels) Pi_u[k, l]`` for each hidden
   label ``l`` of annotator ``u`` (with too few such items, the least-shrunk candidate is kept). With
   ``d_i`` the per-label score of a candidate minus that of the least-shrunk one, the candidate with the
-  best mean is taken only when ``mean(d) > z * se(d)``, where
-  ``se`` is the standard error of the mean clustered by item (labels of one item share its posterior):
-  ``se = sqrt(n_items * var_t(sum of d over item t)) / n_labels``, ``z = selection_z``. No gold is used.
+  best mean is taken only when ``mean(d) > z * se(d)``, where ``se`` is the standard error of the mean
+  clustered by item (labels of one item share its posterior): ``se = sqrt(n_items * var_t(sum of d over
+  item t)) / n_labels``, ``z = selection_z``. No gold is used.
   Why not the plain maximum: on small sets (a hundred items) the differences between candidates are within
   their noise, while the cost of a wrong pick is not symmetric. A one-coin matrix (and a matrix shrunk
   towards it) that is wrong for class-biased annotators costs 5 to 25 points of consensus accuracy on the

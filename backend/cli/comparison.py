@@ -249,6 +249,7 @@ def _categorical(raw: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFr
     summary = {
         "mode": "categorical", "model": est.model_, "shrinkage": None if np.isinf(est.shrinkage_) else est.shrinkage_,
         "selection": {("inf" if np.isinf(k) else str(k)): round(v, 6) for k, v in est.selection_.items()},
+        "selection_se": {("inf" if np.isinf(k) else str(k)): round(v, 6) for k, v in est.selection_se_.items()},
         "items": len(consensus), "workers": len(workers), "labels": int(est.n_labels_.sum()),
         "classes": [str(c) for c in est.classes_], "iterations": est.n_iter_, "converged": est.converged_,
         **_flag(workers, args.min_quality), "problems": est.problems_,

@@ -49,6 +49,7 @@ def test_categorical_mode_writes_consensus_workers_and_the_report(capsys, tmp_pa
     assert len(consensus) == 80 and len(workers) == 12 and workers["n_labels"].sum() == 240
     assert consensus["confidence"].between(0, 1).all() and workers["quality"].between(0, 1).all()
     assert summary["mode"] == "categorical" and summary["items"] == 80 and summary["warnings"] == []
+    assert set(summary["selection_se"]) == set(summary["selection"]) and summary["selection_se"]["0.0"] == 0.0
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
