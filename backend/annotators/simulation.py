@@ -42,6 +42,9 @@ def _assignments(rng: np.random.Generator, n_users: int, n_per_user: int,
     total = n_users * n_per_user
     n_items = int(round(total / (1 + overlap_share * (overlap_size - 1))))
     n_shared = int(round(overlap_share * n_items)) if n_users >= overlap_size and overlap_size > 1 else 0
+    # Rounding can ask for more shared slots than there are choices (e.g. every item shared, 500 choices in
+    # groups of 3): keep whole groups only; the choices left over are items with one annotator.
+    n_shared = min(n_shared, total // max(overlap_size, 1))
     slots = rng.permutation(np.repeat(np.arange(n_users), n_per_user))
     shared = n_shared * overlap_size
     for _ in range(1000):  # swap a member of each group with a repeated user elsewhere until none is left
@@ -51,7 +54,8 @@ def _assignments(rng: np.random.Generator, n_users: int, n_per_user: int,
             break
         here = bad * overlap_size + rng.integers(0, overlap_size, len(bad))
         there = rng.integers(0, total, len(bad))
-        slots[here], slots[there] = slots[there], slots[here].copy()
+        for i, j in zip(here, there, strict=True):  # one swap at a time: a vectorised swap with repeated
+            slots[i], slots[j] = slots[j], slots[i]  # positions is not a permutation (choices get lost)
     item = np.concatenate([np.repeat(np.arange(n_shared), overlap_size),
                            np.arange(n_shared, n_shared + total - shared)])
     return item, slots
@@ -158,6 +162,52 @@ def simulate_crowd(
     label = (rng.random(len(item))[:, None] > cumulative).sum(axis=1)
     class_share = np.full(k, 1 / k)
     accuracy = np.einsum("k,wkk->w", class_share, confusion)
+    return SimulatedLabels(
+        labels=pd.DataFrame({"item_id": [f"i{i}" for i in item], "worker_id": [f"w{w}" for w in worker],
+                             "label": [f"c{c}" for c in label]}),
+        truth=pd.Series([f"c{c}" for c in truth], index=[f"i{i}" for i in range(n_items)], name="truth"),
+        accuracy=pd.Series(accuracy, index=[f"w{w}" for w in range(n_workers)], name="accuracy"),
+    )
+
+
+def simulate_detection(
+    n_items: int,
+    n_workers: int,
+    labels_per_item: int | None = None,
+    *,
+    positive_share: float = 0.45,
+    skill: tuple[float, float] = (0.1, 1.2),
+    threshold: tuple[float, float] = (-1.0, 0.8),
+    seed: int = 0,
+) -> SimulatedLabels:
+    """Binary labels from workers who threshold a noisy view of each item, in the manner of the
+    signal-detection model of Welinder et al., "The multidimensional wisdom of crowds" (NeurIPS 2010).
+
+    Item t has a signal ``s_t = +-g_t`` (sign = its class, ``g_t ~ Gamma(2, 0.7)``: some items are hard
+    for everyone); worker u sees ``d_u s_t + N(0, 1)`` and says class 1 when it is above ``tau_u``, with
+    skill ``d_u ~ U(skill)`` and threshold ``tau_u ~ N(threshold)``. The default thresholds lean to class
+    1, so most workers are class-biased and majority vote is poor, as on small dense crowd sets of this
+    kind (e.g. 108 items x 39 workers, every worker labelling every item). ``labels_per_item``: distinct
+    workers per item (all of them by default). ``accuracy``: each worker's rate of agreeing with the
+    truth in this draw.
+    """
+    per_item = n_workers if labels_per_item is None else labels_per_item
+    if per_item > n_workers:
+        raise ValueError("labels_per_item cannot exceed n_workers")
+    rng = np.random.default_rng(seed)
+    truth = (rng.random(n_items) < positive_share).astype(int)
+    signal = rng.gamma(2.0, 0.7, n_items) * np.where(truth == 1, 1.0, -1.0)
+    d = rng.uniform(*skill, n_workers)
+    tau = rng.normal(*threshold, n_workers)
+    seen = d[None, :] * signal[:, None] + rng.normal(0.0, 1.0, (n_items, n_workers))
+    said = seen > tau[None, :]
+    workers = np.argsort(rng.random((n_items, n_workers)), axis=1)[:, :per_item]
+    item = np.repeat(np.arange(n_items), per_item)
+    worker = workers.ravel()
+    label = said[item, worker].astype(int)
+    right = (label == truth[item]).astype(float)
+    accuracy = np.bincount(worker, weights=right, minlength=n_workers) / np.maximum(
+        np.bincount(worker, minlength=n_workers), 1)
     return SimulatedLabels(
         labels=pd.DataFrame({"item_id": [f"i{i}" for i in item], "worker_id": [f"w{w}" for w in worker],
                              "label": [f"c{c}" for c in label]}),

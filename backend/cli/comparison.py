@@ -66,6 +66,9 @@ def add_annotators_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="auto", choices=CATEGORICAL_MODELS,
                    help="categorical mode: one_coin, dawid_skene, shrunk, or auto (chosen by held-out likelihood)")
     p.add_argument("--report-png", help="write a PNG report: quality histogram and quality vs volume")
+    p.add_argument("--min-quality", type=float, default=0.5,
+                   help="flag annotators whose quality is below this (the workers file's low_quality column; the "
+                        "same rule as HCC_MIN_ANNOTATOR_QUALITY in Label Studio and export-preferences --min-quality)")
     _add_pairwise_options(p)
     _add_field_options(p, categorical=True)
 
@@ -165,6 +168,8 @@ def cmd_annotators(args: argparse.Namespace) -> int:
     from backend.annotators.preferences import comparisons_frame, has_models
 
     _quiet_engine_logs()
+    if not 0.0 <= args.min_quality <= 1.0:
+        raise ValueError(f"--min-quality must be in [0, 1], got {args.min_quality}")
     raw = _read(args.labels)
     keys = _keys(args)
     models_present = args.model_left_field in raw.columns and args.model_right_field in raw.columns
@@ -184,7 +189,8 @@ def cmd_annotators(args: argparse.Namespace) -> int:
     _write_csv(consensus, args.consensus)
     _write_csv(workers, args.workers)
     if args.report_png:
-        quality_report(workers, args.report_png, title=f"{Path(args.labels).name}: {summary['model']}")
+        quality_report(workers, args.report_png, title=f"{Path(args.labels).name}: {summary['model']}",
+                       min_quality=args.min_quality)
         summary["report_png"] = args.report_png
     summary.update(consensus_file=args.consensus, workers_file=args.workers)
     print(json.dumps(summary))
@@ -215,7 +221,7 @@ def _pairwise(frame: pd.DataFrame, judge: dict[str, float] | None,
         "mode": "pairwise", "model": "attentiveness EM", "items": len(consensus), "workers": len(workers),
         "labels": int(est.n_labels_.sum()), "reference": est.reference_, "mu": round(est.mu_, 6),
         "mu_fixed": args.mu is not None, "judged_items": len(judge or {}), "identifiability": est.identifiability_,
-        "iterations": est.n_iter_, "converged": est.converged_, **_quality_summary(workers),
+        "iterations": est.n_iter_, "converged": est.converged_, **_flag(workers, args.min_quality),
         "problems": est.problems_,
     }
     return consensus, workers, summary
@@ -243,15 +249,19 @@ def _categorical(raw: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFr
     summary = {
         "mode": "categorical", "model": est.model_, "shrinkage": None if np.isinf(est.shrinkage_) else est.shrinkage_,
         "selection": {("inf" if np.isinf(k) else str(k)): round(v, 6) for k, v in est.selection_.items()},
+        "selection_se": {("inf" if np.isinf(k) else str(k)): round(v, 6) for k, v in est.selection_se_.items()},
         "items": len(consensus), "workers": len(workers), "labels": int(est.n_labels_.sum()),
         "classes": [str(c) for c in est.classes_], "iterations": est.n_iter_, "converged": est.converged_,
-        **_quality_summary(workers), "problems": est.problems_,
+        **_flag(workers, args.min_quality), "problems": est.problems_,
     }
     return consensus, workers, summary
 
 
-def _quality_summary(workers: pd.DataFrame) -> dict[str, Any]:
-    return {"mean_quality": round(float(workers["quality"].mean()), 6),
+def _flag(workers: pd.DataFrame, min_quality: float) -> dict[str, Any]:
+    """Add the ``low_quality`` column (quality below ``min_quality``) to ``workers``; the summary's counts."""
+    workers["low_quality"] = workers["quality"] < min_quality
+    return {"mean_quality": round(float(workers["quality"].mean()), 6), "min_quality": min_quality,
+            "low_quality_workers": int(workers["low_quality"].sum()),
             "workers_below_0_5": int((workers["quality"] < 0.5).sum())}
 
 
@@ -260,7 +270,8 @@ def _write_csv(frame: pd.DataFrame, path: str) -> None:
     frame.to_csv(path, index=False)
 
 
-def quality_report(workers: pd.DataFrame, path: str | Path, *, title: str = "annotator quality") -> None:
+def quality_report(workers: pd.DataFrame, path: str | Path, *, title: str = "annotator quality",
+                   min_quality: float = 0.5) -> None:
     """PNG with the quality histogram and quality against the number of labels."""
     import matplotlib
     import matplotlib.ticker
@@ -276,7 +287,7 @@ def quality_report(workers: pd.DataFrame, path: str | Path, *, title: str = "ann
     right.set(xscale="log" if workers["n_labels"].max() > 20 else "linear", xlabel="labels per annotator",
               ylabel="quality (eta)", ylim=(0, 1.02), title="quality vs volume")
     right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log axes label minor ticks too
-    right.axhline(0.5, color="#cc6677", lw=1, ls="--")
+    right.axhline(min_quality, color="#cc6677", lw=1, ls="--")
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

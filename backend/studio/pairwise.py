@@ -5,7 +5,8 @@
   its score is the judge's confidence ``C = 2 |p_left - 1/2|``.
 - ``ANNOTATION_CREATED/UPDATED`` store the annotation as a comparison at once, ``ANNOTATIONS_DELETED`` and
   ``TASKS_DELETED`` drop comparisons; each change queues a re-estimation job: the attentiveness EM
-  (:class:`backend.annotators.attentiveness.PairwiseAttentiveness`) over every stored comparison, which writes
+  (:class:`backend.annotators.attentiveness.PairwiseAttentiveness`) over every stored comparison, with the
+  judge's ``p_left`` (kept from its predictions) as the prior of every judged task, which writes
   ``annotators.csv`` / ``annotators.json`` into the project's directory, the ``annotators_summary`` shown
   by ``/status``, and the ``hcc_low_quality_annotators`` task meta.
 - ``TASKS_CREATED`` queues pre-annotation of the unlabelled tasks; ``START_TRAINING`` re-reads every
@@ -206,6 +207,10 @@ def pair_texts(task: Mapping[str, Any], target: PairwiseTarget, keys: PairwiseKe
     return ("" if prompt is None else str(prompt)), texts[0], texts[1]
 
 
+def _is_task_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+
+
 def _is_text(value: Any) -> bool:
     return isinstance(value, str | int | float) and not isinstance(value, bool)
 
@@ -223,6 +228,11 @@ CREATE TABLE IF NOT EXISTS pairwise_comparisons (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pairwise_comparisons_task ON pairwise_comparisons(task_id);
+CREATE TABLE IF NOT EXISTS pairwise_judge (
+    task_id INTEGER PRIMARY KEY,
+    p_left REAL NOT NULL,
+    updated REAL NOT NULL
+);
 """
 _FIELDS = ("task_id", "worker_id", "choice", "prompt", "model_left", "model_right")
 
@@ -279,8 +289,23 @@ class ComparisonStore:
 
     def remove_tasks(self, task_ids: Iterable[int]) -> int:
         ids = [(int(i),) for i in task_ids]
-        return self._write(lambda db: sum(db.execute("DELETE FROM pairwise_comparisons WHERE task_id = ?",
-                                                     i).rowcount for i in ids))
+
+        def remove(db: sqlite3.Connection) -> int:
+            db.executemany("DELETE FROM pairwise_judge WHERE task_id = ?", ids)
+            return sum(db.execute("DELETE FROM pairwise_comparisons WHERE task_id = ?", i).rowcount for i in ids)
+        return self._write(remove)
+
+    def put_judge(self, p_left: Mapping[int, float]) -> None:
+        """Keep the judge's P(left better) per task: the EM's prior for the task (the latest verdict wins)."""
+        now = time.time()
+        rows = [(int(task), float(p), now) for task, p in p_left.items()]
+        self._write(lambda db: db.executemany("INSERT OR REPLACE INTO pairwise_judge VALUES (?, ?, ?)", rows))
+
+    def judge(self, task_ids: Iterable[str]) -> dict[str, float]:
+        """The stored P(left better) of these tasks (item ids as the records spell them), where there is one."""
+        wanted = {int(t) for t in task_ids if str(t).isdigit()}
+        rows = self._db().execute("SELECT task_id, p_left FROM pairwise_judge").fetchall()
+        return {str(task): p for task, p in rows if task in wanted}
 
     def sync(self, records: Iterable[Mapping[str, Any]], *, listed_at: float) -> bool:
         """Make the table what Label Studio listed at ``listed_at``; rows written since (by a webhook that
@@ -312,8 +337,12 @@ def _meta_id(worker: str) -> int | str:
 
 
 def estimate_annotators(records: list[Mapping[str, Any]], *, reference: str | None = None,
-                        min_quality: float = 0.5) -> dict[str, Any]:
+                        min_quality: float = 0.5, judge: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Fit the attentiveness EM on comparison records; a JSON-able report.
+
+    ``judge``: item id -> the judge's P(left better), the prior of that item (``judged_items`` counts them).
+    With one annotator per task the EM is otherwise only weakly identified and the flags stay silent
+    (docs/comparison-mode.md, "Flagging careless annotators").
 
     ``annotators``: one entry per annotator (``worker_id``, ``n_labels``, ``quality`` = the posterior mean
     of ``eta``, ``quality_sd``, ``low_quality``); ``low_quality_annotators``: those below ``min_quality``;
@@ -325,7 +354,7 @@ def estimate_annotators(records: list[Mapping[str, Any]], *, reference: str | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in est.warnings_, reported below
         est = fit_comparisons([{k: v for k, v in r.items() if k != "annotation_id"} for r in records],
-                              reference=reference or None)
+                              judge=dict(judge or {}) or None, reference=reference or None)
     annotators = [
         {"worker_id": str(worker), "n_labels": int(est.n_labels_[worker]), "quality": round(float(eta), 6),
          "quality_sd": round(float(est.eta_sd_[worker]), 6), "low_quality": bool(eta < min_quality)}
@@ -336,7 +365,7 @@ def estimate_annotators(records: list[Mapping[str, Any]], *, reference: str | No
         "n_annotators": len(annotators), "n_comparisons": len(records), "n_used": int(est.n_labels_.sum()),
         "n_items": len(est.posteriors_), "reference": est.reference_, "mu": round(float(est.mu_), 6),
         "identifiability": est.identifiability_, "warnings": list(est.warnings_), "problems": list(est.problems_),
-        "min_quality": min_quality,
+        "judged_items": len(judge or {}), "min_quality": min_quality,
         "low_quality_annotators": [_meta_id(a["worker_id"]) for a in annotators if a["low_quality"]],
         "annotators": annotators,
     }
@@ -423,6 +452,8 @@ class PairwiseProjectModel:
                                                          [b for _, _, b in unique]), strict=True))
             for i, pair in todo:
                 results[i] = self._prediction(tasks[i].get("id", "?"), verdicts[pair], version)
+            self.comparisons.put_judge({int(tasks[i]["id"]): verdicts[pair].p_left for i, pair in todo
+                                        if verdicts[pair].p_left is not None and _is_task_id(tasks[i].get("id"))})
         for result in results:
             if result and result.get("error"):
                 log.warning("predict: %s", result["error"])
@@ -552,14 +583,15 @@ class PairwiseProjectModel:
         records = self.comparisons.records()
         if records:
             try:
-                report = estimate_annotators(records, reference=self.reference, min_quality=self.min_quality)
+                report = estimate_annotators(records, reference=self.reference, min_quality=self.min_quality,
+                                             judge=self.comparisons.judge(r["item_id"] for r in records))
             except ValueError as exc:  # e.g. HCC_PAIRWISE_REFERENCE names a model no task shows
                 self.store.update("annotators_summary", error=str(exc), n_comparisons=len(records),
                                   updated=time.time())
                 raise
         else:
             report = {"n_annotators": 0, "n_comparisons": 0, "n_used": 0, "n_items": 0, "reference": None,
-                      "mu": None, "identifiability": None, "warnings": [], "problems": [],
+                      "mu": None, "identifiability": None, "warnings": [], "problems": [], "judged_items": 0,
                       "min_quality": self.min_quality, "low_quality_annotators": [], "annotators": []}
         report = {"project": self.project_id, "updated": time.time(), "error": None, **report}
         table, full = write_annotator_files(report, self.store.directory)

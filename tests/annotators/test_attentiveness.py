@@ -149,6 +149,17 @@ def test_overlap_finds_the_better_side_more_often_than_a_majority() -> None:
     assert (est.labels_ == truth).mean() > (majority_side.reindex(truth.index) == truth).mean()
 
 
+@pytest.mark.parametrize("n_users, per_user", [(50, 10), (7, 11)])
+def test_every_item_shared_works_when_the_choices_do_not_split_into_groups(n_users: int, per_user: int) -> None:
+    # 500 choices in groups of 3 used to ask for 501 shared slots and fail in a reshape.
+    sim = simulate_comparisons(n_users, per_user, overlap_share=1.0, overlap_size=3, seed=0)
+    per_worker = sim.labels["worker_id"].value_counts()
+    per_item = sim.labels.groupby("item_id")["worker_id"].agg(["size", "nunique"])
+    assert len(sim.labels) == n_users * per_user and (per_worker == per_user).all()
+    assert (per_item["size"] == per_item["nunique"]).all()  # nobody twice on an item
+    assert (per_item["size"] == 3).sum() == (n_users * per_user) // 3
+
+
 # -- the reference model and position bias ----------------------------------------------------------------------
 def test_reference_is_the_model_with_the_higher_win_rate_unless_given() -> None:
     sim = simulate_comparisons(30, 20, mu=0.8, seed=9)

@@ -49,6 +49,7 @@ def test_categorical_mode_writes_consensus_workers_and_the_report(capsys, tmp_pa
     assert len(consensus) == 80 and len(workers) == 12 and workers["n_labels"].sum() == 240
     assert consensus["confidence"].between(0, 1).all() and workers["quality"].between(0, 1).all()
     assert summary["mode"] == "categorical" and summary["items"] == 80 and summary["warnings"] == []
+    assert set(summary["selection_se"]) == set(summary["selection"]) and summary["selection_se"]["0.0"] == 0.0
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,6 +66,29 @@ def test_pairwise_mode_is_chosen_by_the_model_columns(capsys, pairs: Path) -> No
     assert summary["mode"] == "pairwise" and summary["reference"] == "A"
     assert summary["identifiability"] == "judge+overlap" and summary["judged_items"] > 0
     assert summary["problems"] and summary["labels"] == 299
+
+
+@pytest.mark.parametrize("min_quality", [0.5, 0.95])
+def test_workers_file_flags_the_annotators_below_min_quality(capsys, tmp_path: Path, min_quality: float) -> None:
+    # Random clickers among careful annotators, 3 annotators per item: the flag is a column a user can filter on.
+    sim = simulate_comparisons(30, 60, mu=0.8, population="mix", overlap_share=1.0, seed=4)
+    sim.labels.to_csv(tmp_path / "pairs.csv", index=False)
+    code, summary, err = run(capsys, "annotators", "--labels", str(tmp_path / "pairs.csv"), "--consensus",
+                             str(tmp_path / "c.csv"), "--workers", str(tmp_path / "w.csv"),
+                             "--min-quality", str(min_quality))
+    assert code == 0, err
+    workers = pd.read_csv(tmp_path / "w.csv").set_index("worker_id")
+    assert (workers["low_quality"] == (workers["quality"] < min_quality)).all()
+    assert summary["min_quality"] == min_quality and summary["low_quality_workers"] == workers["low_quality"].sum()
+    clickers = sim.eta[sim.eta == 0].index
+    assert workers.loc[clickers, "low_quality"].all()  # every random clicker is flagged at either threshold
+
+
+def test_min_quality_outside_0_1_exits_2(capsys, tmp_path: Path) -> None:
+    simulate_crowd(20, 5, 3, seed=0).labels.to_csv(tmp_path / "labels.csv", index=False)
+    code, _, err = run(capsys, "annotators", "--labels", str(tmp_path / "labels.csv"), "--consensus",
+                       str(tmp_path / "c.csv"), "--workers", str(tmp_path / "w.csv"), "--min-quality", "5")
+    assert code == 2 and "--min-quality must be in [0, 1], got 5.0" in err
 
 
 def test_pairwise_without_model_names_warns_and_still_answers(capsys, pairs: Path) -> None:

@@ -20,6 +20,7 @@ import requests
 from conftest import BackendProcess, backend_status, project_tasks, settled_status, wait_until
 
 from backend.annotators.preferences import EXPORT_FIELDS
+from backend.annotators.simulation import simulate_comparisons
 from backend.cli.main import main
 from backend.studio.client import StudioClient, TaskRecord
 from backend.studio.jobs import JobQueue
@@ -40,6 +41,8 @@ from backend.studio.pairwise import (
 )
 from backend.studio.settings import Settings
 from backend.studio.store import ProjectStore
+from tests.fault_server import Action, FaultServer, fault_server_fixture  # noqa: F401 - registers the fixture
+from tests.fault_server import label as llm_label
 
 _wait, _status, _settled, _tasks = wait_until, backend_status, settled_status, project_tasks  # short names
 
@@ -188,6 +191,48 @@ def test_estimate_flags_the_left_clicker() -> None:
         estimate_annotators(records, reference="model-C")
 
 
+def test_the_judge_prior_makes_the_flags_work_with_one_annotator_per_task() -> None:
+    # One annotator per task, a fifth of them random clickers: without a judge only eta (mu - 1/2) is
+    # identified, the prior sets the scale and nobody is flagged; the judge's prior identifies eta.
+    sim = simulate_comparisons(30, 50, mu=0.7, population="mix", judge_signal=1.0, seed=5)
+    records = sim.labels.to_dict("records")
+    clickers = {str(w) for w in sim.eta[sim.eta == 0].index}
+    alone = estimate_annotators(records)
+    judged = estimate_annotators(records, judge=sim.judge_left.to_dict())
+    assert alone["identifiability"] == "product_only" and alone["judged_items"] == 0
+    assert judged["identifiability"] == "judge" and judged["judged_items"] == len(sim.judge_left)
+    assert len(clickers) >= 3 and not set(alone["low_quality_annotators"]) & clickers
+    flagged = set(judged["low_quality_annotators"])
+    assert len(flagged & clickers) >= len(clickers) / 2 and flagged <= clickers
+
+
+def test_predictions_keep_the_judge_verdict_and_the_estimate_uses_it(tmp_path: Path,
+                                                                     fault_server: FaultServer) -> None:
+    good = {strong for _, strong, _ in PAIRS}
+
+    def prefers_the_strong_model(body: dict) -> Action:
+        first = body["messages"][-1]["content"].split("Response 1:\n", 1)[1].split("\n\nResponse 2:", 1)[0]
+        return llm_label("1" if first in good else "2")
+
+    fault_server.default = prefers_the_strong_model
+    settings = Settings(model_dir=tmp_path, llm_base_url=fault_server.url, llm_structured="json_schema")
+    model = PairwiseProjectModel(5, TARGET, settings, client=lambda: StudioClient("", ""))
+    tasks = [{"id": 100 + i, "data": item(i)} for i in range(N_ITEMS)]
+    preds = model.predict(tasks)
+    assert [p["result"][0]["value"]["selected"] for p in preds] == [strong_side(t["data"]) for t in tasks]
+    kept = model.comparisons.judge(str(t["id"]) for t in tasks)
+    assert set(kept) == {str(t["id"]) for t in tasks}
+    assert all((p > 0.5) == (strong_side(t["data"]) == "left") for t, p in zip(tasks, kept.values(), strict=True))
+    for record in design_records():
+        model.comparisons.put(record)
+    with pytest.raises(Exception, match="LABEL_STUDIO_URL"):  # the meta step needs Label Studio; the rest is done
+        model.reestimate(model.client)
+    summary = model.store.get("annotators_summary")
+    assert summary["judged_items"] == N_ITEMS and summary["identifiability"] == "judge+overlap"
+    model.comparisons.remove_tasks([100])
+    assert "100" not in model.comparisons.judge(str(t["id"]) for t in tasks)
+
+
 def test_model_without_llm_or_label_studio_reports_instead_of_crashing(tmp_path: Path) -> None:
     settings = Settings(model_dir=tmp_path)  # no LLM, no Label Studio
     model = PairwiseProjectModel(4, TARGET, settings, client=lambda: StudioClient(settings.label_studio_url,
@@ -334,7 +379,11 @@ def test_annotators_are_estimated_from_the_webhooks(world, annotated):
     # The backend's numbers are the EM's on what Label Studio holds.
     target = PairwiseTarget("pw", "left", "right", "response_left", "response_right")
     records = comparison_records(_tasks(world).values(), target)
-    direct = estimate_annotators(records)
+    # ... with the judge's verdicts on the tasks it pre-annotated as priors (kept in the project's state).
+    state = ProjectStore(Settings(model_dir=world["model_dir"]).project_dir(world["project"]))
+    verdicts = ComparisonStore(state).judge(r["item_id"] for r in records)
+    assert summary["judged_items"] == len(verdicts) > 0
+    direct = estimate_annotators(records, judge=verdicts)
     assert {int(a["worker_id"]): a["quality"] for a in direct["annotators"]} == pytest.approx(quality, abs=1e-6)
     with open(summary["table"], newline="") as fh:
         rows = list(csv.DictReader(fh))
