@@ -36,7 +36,7 @@ PRIOR: tuple[tuple[float, dict[str, float]], ...] = (
     (0.01, {"encoder_logit": 0.875}),
 )
 _PLATT_C = 1e4  # Platt's two parameters are (almost) unpenalised
-_ELICIT_C = 1.0  # the label-free estimator: sklearn's default penalty (its target is cheap and plentiful)
+_ELICIT_C = 1e4  # the label-free estimator too: hundreds of items and two to four features need no penalty
 
 
 def prior_features(encoder_probability: Any, anchor_similarity: Any, encoder2_probability: Any = None,

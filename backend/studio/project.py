@@ -118,6 +118,16 @@ def probability_score(record: dict[str, Any]) -> float:
     return review_score(record)
 
 
+def published_probabilities(records: list[dict[str, Any]], calibrator: Calibrator) -> tuple[np.ndarray, bool]:
+    """The prediction scores Label Studio shows (with calibration on), and whether the reviews calibrated
+    them: the calibrator's P(label is right) once it has enough reviews, before that the records' own
+    probability (:func:`probability_score`; a DCCA run's items whose annotators disagreed are flagged
+    whatever it says, see :meth:`ProjectModel.prediction`)."""
+    if calibrator.fallback_:
+        return np.array([probability_score(r) for r in records], dtype=np.float64), False
+    return (calibrator.predict_records(records) if records else np.zeros(0)), True
+
+
 def disagreed(record: dict[str, Any]) -> bool:
     """The views of a DCCA run disagreed on the item (an agreement record outside the consistent stages)."""
     return record.get("score_kind") != "probability" and record.get("stage") not in NOT_FLAGGED
@@ -529,13 +539,9 @@ class ProjectModel:
         if not self.settings.calibration:
             return {t: review_score(records[t]) for t in ids}, "agreement score (HCC_CALIBRATION=0)", False
         cal = self.calibrator()
-        if cal.fallback_:
-            # Too few reviews to calibrate: the records' own P(label is right), fitted on the anchors. (A DCCA
-            # run's items whose annotators disagreed are flagged whatever it says: see prediction().)
-            return ({t: probability_score(records[t]) for t in ids},
-                    f"{self.first_probability()}; {cal.message_}", False)
-        probs = cal.predict_records([records[t] for t in ids]) if ids else np.zeros(0)
-        return {t: round(float(p), 4) for t, p in zip(ids, probs, strict=True)}, cal.message_, True
+        probs, calibrated = published_probabilities([records[t] for t in ids], cal)
+        message = cal.message_ if calibrated else f"{self.first_probability()}; {cal.message_}"
+        return {t: round(float(p), 4) for t, p in zip(ids, probs, strict=True)}, message, calibrated
 
     def first_probability(self) -> str:
         """What the score before calibration rests on, in words (/status shows it)."""
