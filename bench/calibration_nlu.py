@@ -19,7 +19,9 @@ budget). Scores measured on the held-out items, before any review and after 1% /
 Each with the label-free stage of the prior off (the default) and on (``HCCConfig(label_free_prior=True)``).
 Reported: ECE (10 bins) and error-detection AUROC, mean and spread (min-max) over the draws.
 
-    nice -n 10 .venv/bin/python bench/calibration_nlu.py                 # 4 sets x 5 draws, ~10 min on 2 cores
+    nice -n 10 .venv/bin/python bench/calibration_nlu.py                 # 4 sets x 5 draws, ~12 min on 2 cores
+    nice -n 10 .venv/bin/python bench/calibration_nlu.py --anchor-share 0.01 \
+        --out bench/results/calibration_nlu_few_anchors.json              # 1% anchors
     .venv/bin/python bench/calibration_nlu.py --markdown                 # the table of docs/calibration.md
 """
 
@@ -54,9 +56,9 @@ SCORES = ("cli", "studio", "prior")
 
 
 def run_draw(encoder: Encoder, labels: list[str], large: list[dict], items: list[dict], draw: int,
-             label_free: bool) -> dict[str, Any]:
+             label_free: bool, anchor_share: float = 0.05) -> dict[str, Any]:
     """The three scores' ECE and AUROC on the held-out items of one draw, per review budget."""
-    anchors = random.Random(draw).sample(large, round(0.05 * len(large)))
+    anchors = random.Random(draw).sample(large, round(anchor_share * len(large)))
     texts, gold = [r["input"] for r in items], [r["label"] for r in items]
     config = HCCConfig(label_free_prior=label_free)
     pipe = HCCPipeline(encoder, labels, config=config)
@@ -136,6 +138,7 @@ def main() -> int:
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--items", type=int, default=500)
+    ap.add_argument("--anchor-share", type=float, default=0.05, help="anchors: this share of large.jsonl")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--markdown", action="store_true", help="print the table of an existing --out and exit")
     args = ap.parse_args()
@@ -144,14 +147,16 @@ def main() -> int:
         return 0
     encoder = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings", show_progress=False)
     result: dict[str, Any] = {"meta": {"encoder": DEFAULT_ENCODER, "items": args.items, "draws": args.draws,
-                                       "anchors": "5% of large.jsonl", "budgets": list(BUDGETS)}, "runs": {}}
+                                       "anchors": f"{args.anchor_share:.1%} of large.jsonl",
+                                       "budgets": list(BUDGETS)}, "runs": {}}
     t0 = time.perf_counter()
     for name in args.datasets.split(","):
         large, small = read_jsonl(DATA / name / "large.jsonl"), read_jsonl(DATA / name / "small.jsonl")
         labels = sorted({r["label"] for r in large} | {r["label"] for r in small})
         items = random.Random(1234).sample(small, min(args.items, len(small)))
         for stage in ("off", "on"):
-            draws = [run_draw(encoder, labels, large, items, draw, stage == "on") for draw in range(args.draws)]
+            draws = [run_draw(encoder, labels, large, items, draw, stage == "on", args.anchor_share)
+                     for draw in range(args.draws)]
             result["runs"].setdefault(name, {})[stage] = draws
             print(f"{name} label-free {stage}: " + json.dumps({b: {s: summary(draws, b, s, "ece")["mean"]
                                                                    for s in SCORES} for b in ("0%", "5%")}),

@@ -559,8 +559,9 @@ class ProjectModel:
         """Scores and the flag threshold over the project's unlabelled records (a pre-label or re-vote run).
 
         Once enough reviews exist: P(label is right) from the calibrator, flagged below the threshold at
-        which the unflagged items reach ``HCC_TARGET_PRECISION``. Before that (or with ``HCC_CALIBRATION=0``):
-        the agreement score, flagged below ``HCC_REVIEW_THRESHOLD``.
+        which the unflagged items reach ``HCC_TARGET_PRECISION``. Before that: the records' own P(label is
+        right) (:func:`published_probabilities`); with ``HCC_CALIBRATION=0``, the agreement score; either
+        flagged below ``HCC_REVIEW_THRESHOLD``.
         """
         values, message, calibrated = self._values(records)
         if not calibrated:
