@@ -51,12 +51,13 @@ _FIT_TOL = 1e-4  # a near-zero penalty on the Platt slope and intercept keeps si
 
 
 def prior_log_odds(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
-    """The prior mapping's log-odds of each row.
+    """The calibrator's base log-odds of each row (feature ``prior_logit``).
 
-    Records carry it as ``prior_probability`` (feature ``prior_logit``): the mapping of the run's anchors
-    (``backend/confidence/prior.py``). Records of an older run fall back to the packaged
-    :data:`backend.confidence.prior.PRIOR` on their encoder signals; without the encoder's probability the uncalibrated
-    ``agreement_score`` is read as a probability; without that either, every item gets even odds.
+    A pooled run's record gives its own P(right), its ``score`` (``score_kind: probability``); other records
+    their ``prior_probability``: the mapping of the run's anchors (``backend/confidence/prior.py``). Records
+    of an older run fall back to the packaged :data:`backend.confidence.prior.PRIOR` on their encoder
+    signals; without the encoder's probability the uncalibrated ``agreement_score`` is read as a
+    probability; without that either, every item gets even odds.
     """
     values = np.asarray(values, dtype=np.float64)
     if "prior_logit" in names:
@@ -147,7 +148,7 @@ class Calibrator:
 
     def _fallback_reason(self, n_wrong: int) -> str | None:
         n, right = self.n_pairs_, self.n_right_
-        tail = "confidence is the prior mapping (docs/calibration.md)"
+        tail = "confidence is the prior mapping (a pooled run's own probability, docs/calibration.md)"
         if n == 0:
             return f"no reviewed items yet: {tail}, not calibrated on this data"
         if n < self.min_pairs:

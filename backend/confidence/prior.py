@@ -36,6 +36,7 @@ PRIOR: tuple[tuple[float, dict[str, float]], ...] = (
     (0.01, {"encoder_logit": 0.875}),
 )
 _PLATT_C = 1e4  # Platt's two parameters are (almost) unpenalised
+_ELICIT_C = 1e4  # the label-free estimator too: hundreds of items and two to four features need no penalty
 
 
 def prior_features(encoder_probability: Any, anchor_similarity: Any, encoder2_probability: Any = None,
@@ -94,19 +95,22 @@ class PriorMapping:
 
 
 def fit_prior(features: Mapping[str, Any], right: Any, *, folds: int = 5, min_pairs: int = 20,
-              min_per_class: int = 5, random_state: int = 0) -> PriorMapping:
+              min_per_class: int = 5, random_state: int = 0, base: PriorMapping | None = None) -> PriorMapping:
     """The prior mapping for a run, from cross-fitted anchor predictions (see the module docstring).
 
     ``features`` (:func:`prior_features`) are those of each anchor's held-out prediction and ``right``
     whether it matched the anchor's label. With fewer than ``min_pairs`` pairs or fewer than
     ``min_per_class`` right or wrong ones, the packaged mapping is kept (and the message says why).
+    ``base`` replaces the packaged mapping as the one rescaled or kept (the label-free estimator of
+    :func:`fit_elicited`).
     """
-    packaged = PriorMapping.packaged(features)
+    packaged = PriorMapping.packaged(features) if base is None else _copy(base)
+    what = "packaged prior mapping" if base is None else "label-free prior mapping"
     y = np.asarray(right, dtype=bool)
     n, n_right = len(y), int(y.sum())
     packaged.pairs, packaged.right = n, n_right
     if n < min_pairs or min(n_right, n - n_right) < min_per_class:
-        packaged.message = (f"packaged prior mapping: {n} cross-checked anchors ({n_right} right) are too few "
+        packaged.message = (f"{what}: {n} cross-checked anchors ({n_right} right) are too few "
                             f"to rescale it (need {min_pairs}, with {min_per_class} right and {min_per_class} wrong)")
         return packaged
     z = packaged.log_odds(features)
@@ -117,7 +121,7 @@ def fit_prior(features: Mapping[str, Any], right: Any, *, folds: int = 5, min_pa
     gain = item_log_loss(expit(z), y) - item_log_loss(rescaled, y)  # > 0 where the rescaled mapping does better
     standard_error = gain.std(ddof=1) / math.sqrt(n)
     if gain.mean() <= standard_error:
-        packaged.message = (f"packaged prior mapping: rescaling it on {n} cross-checked anchors ({n_right} right) "
+        packaged.message = (f"{what}: rescaling it on {n} cross-checked anchors ({n_right} right) "
                             f"gained {gain.mean():.4f} nats per item, within one standard error ({standard_error:.4f})")
         return packaged
     model = _platt(z, y)
@@ -126,9 +130,36 @@ def fit_prior(features: Mapping[str, Any], right: Any, *, folds: int = 5, min_pa
         intercept=slope * packaged.intercept + shift,
         weights={name: slope * w for name, w in packaged.weights.items()},
         adapted=True, pairs=n, right=n_right,
-        message=(f"prior mapping rescaled on {n} cross-checked anchors ({n_right} right): log-odds x {slope:.3f} "
-                 f"{shift:+.3f}, {gain.mean():.4f} nats per item better out of fold than the packaged mapping"),
+        message=(f"{what} rescaled on {n} cross-checked anchors ({n_right} right): log-odds x {slope:.3f} "
+                 f"{shift:+.3f}, {gain.mean():.4f} nats per item better out of fold than before"),
     )
+
+
+def fit_elicited(features: Mapping[str, Any], consistency: Any, *, min_items: int = 50) -> PriorMapping | None:
+    """The label-free stage (EliCal: elicit confidence without labels, then calibrate it on a few labels).
+
+    ``consistency`` is, per unlabelled item, the share of resampled classifiers (e.g. half the anchors,
+    drawn anew each time) that give the item the label the full classifier gives: a self-consistency signal
+    that needs no label. A logistic regression of it on the prior's one-pass ``features`` (soft targets:
+    each item counts ``consistency`` times as a 1 and ``1 - consistency`` times as a 0) is a cheap estimator
+    of it on this project's own items. Its log-odds then stand in for the packaged mapping as the ``base``
+    of :func:`fit_prior`, which rescales them on the anchors' cross-check. None with fewer than
+    ``min_items`` items or a constant target (nothing to learn from).
+    """
+    target = np.clip(np.asarray(consistency, dtype=np.float64), 0.0, 1.0)
+    names = sorted(features)
+    x = np.column_stack([np.asarray(features[name], dtype=np.float64) for name in names]) if names else None
+    if x is None or len(target) < min_items or np.ptp(target) == 0.0:
+        return None
+    model = LogisticRegression(C=_ELICIT_C).fit(np.vstack([x, x]), np.r_[np.ones(len(x)), np.zeros(len(x))],
+                                                sample_weight=np.r_[target, 1.0 - target] + 1e-9)
+    return PriorMapping(intercept=float(model.intercept_[0]),
+                        weights={name: float(w) for name, w in zip(names, model.coef_[0], strict=True)},
+                        message=f"label-free estimator of the resampled-anchor consistency of {len(x)} items")
+
+
+def _copy(mapping: PriorMapping) -> PriorMapping:
+    return PriorMapping(intercept=mapping.intercept, weights=dict(mapping.weights), message=mapping.message)
 
 
 def _similarity(value: Any) -> np.ndarray:

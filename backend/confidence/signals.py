@@ -233,6 +233,12 @@ def _row_features(rec: Mapping[str, Any]) -> dict[str, float]:
     packaged = PriorMapping.packaged_or_none(row) if "prior_logit" not in row else None
     if packaged is not None:  # a record of an older run: the packaged mapping of its encoder signals
         row["prior_logit"] = float(packaged.log_odds(row))
+    own = _share(rec, "score") if rec.get("score_kind") == "probability" else None
+    if own is not None:
+        # The record's own P(right) (a pooled run's score: the encoder's temperature fitted on all the anchors,
+        # and the LLM where it was asked) is the calibrator's base: it is what the user saw before the reviews,
+        # and with few anchors the encoder-signal prior is the worse calibrated of the two (docs/calibration.md).
+        row["prior_logit"] = float(logit(own))
     views = [v for v in LLM_VIEWS if f"llm_{v}" in rec]
     row["backs_encoder"] = float(rec.get("encoder_label") == label)
     if "encoder2_label" in rec:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy.special import log_softmax
 
-from backend.confidence.prior import PriorMapping, fit_prior, prior_features
+from backend.confidence.prior import PriorMapping, fit_elicited, fit_prior, prior_features
 from backend.config import LLM_VIEWS
 from backend.labelling.anchors import (
     CLASSIFIERS,
@@ -198,6 +198,9 @@ class HCCConfig:
     pool_l2: float = 1.0  # pool: L2 pull of the view weights toward (encoder 1, LLM views 0)
     choice_examples: bool = False  # pool: show each candidate by its anchor nearest to the text
     label_prototypes: bool = True  # a label without anchors is scored by its embedded name (and description)
+    # The label-free stage of the prior (backend/confidence/prior.py: fit_elicited): off, because over five
+    # anchor draws of the four ClusterLLM sets it did not beat the packaged mapping (docs/calibration.md).
+    label_free_prior: bool = False
 
     def validate(self) -> None:
         for view in self.llm_views:
@@ -250,6 +253,7 @@ class HCCPipeline:
         self.second_encoder = second_encoder
         self.anchor_vectors2 = np.zeros((0, 0), np.float32)
         self._prior: PriorMapping | None = None
+        self._elicited: PriorMapping | None = None  # the label-free estimator, kept across anchor changes
         self.descriptions = dict(descriptions if descriptions is not None else getattr(llm, "descriptions", {}) or {})
         self._check: CrossCheck | None = None
         self._evidence: Evidence | None = None
@@ -308,7 +312,32 @@ class HCCPipeline:
             second = encoder_probabilities(check2.scores.scores[rows])[take], check2.nearest[rows]
         features = prior_features(encoder_probabilities(check.scores.scores[rows])[take], check.nearest[rows],
                                   *second)
-        return fit_prior(features, predicted == self.anchor_labels[rows])
+        base = self._elicited if self.config.label_free_prior else None
+        return fit_prior(features, predicted == self.anchor_labels[rows], base=base)
+
+    def _elicit(self, vectors: np.ndarray, scored: ClassScores) -> None:
+        """The label-free stage: fit the estimator of each item's resampled-anchor consistency on this
+        batch (when it is large enough to learn from) and let the prior mapping be rebuilt on it."""
+        if not self.config.label_free_prior or len(vectors) == 0 or len(self.anchor_labels) < 2:
+            return
+        consistency = self._resampled_consistency(vectors, scored.labels)
+        near = nearest_of_label(vectors, self.anchor_vectors, self.anchor_labels, np.maximum(scored.labels, 0))
+        own = encoder_probabilities(scored.scores)[np.arange(len(vectors)), np.maximum(scored.labels, 0)]
+        elicited = fit_elicited(prior_features(own, near), consistency)
+        if elicited is not None and self.second_encoder is None:  # that prior's variant is not elicited
+            self._elicited, self._prior = elicited, None
+
+    def _resampled_consistency(self, vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Share of :data:`RESAMPLES` classifiers, each over a random half of the anchors, that give each
+        item ``labels``: an unsure item changes label when its nearest anchors are left out. Needs no label."""
+        rng = np.random.default_rng(0)
+        agree = np.zeros(len(vectors))
+        for _ in range(RESAMPLES):
+            keep = rng.random(len(self.anchor_labels)) < 0.5
+            half = class_scores(vectors, self.anchor_vectors[keep], self.anchor_labels[keep], len(self.labels),
+                                k=self.config.k, method=self.config.classifier)
+            agree += self._complete(half, vectors).labels == labels
+        return agree / RESAMPLES
 
     def classes_without_anchors(self) -> list[str]:
         counts = np.bincount(self.anchor_labels, minlength=len(self.labels))
@@ -559,6 +588,7 @@ class HCCPipeline:
 
         t0 = time.perf_counter()
         scored = self._class_scores(vectors)
+        self._elicit(vectors, scored)
         timings["classify"] = time.perf_counter() - t0
         if cfg.combine == "pool":
             replay = {v: [answers[v][i] for i in active] for v in cfg.llm_views} if answers is not None else None
@@ -596,6 +626,7 @@ class HCCPipeline:
             timings["encode2"] = time.perf_counter() - t0
         records = self._records(texts, skip_mask, active, scored, views, view_matrix, result, vectors=vectors,
                                 second=second)
+        _label_dcca_scores(records, agreement=use_llm)
         report = self._report(records, result, timings)
         final = np.full(len(texts), INVALID, np.int64)
         final[active] = result.labels
@@ -800,6 +831,19 @@ def _finite(value: float) -> float | None:
     return round(float(value), 6) if np.isfinite(value) else None
 
 
+def _label_dcca_scores(records: list[dict[str, Any]], *, agreement: bool) -> None:
+    """Say what a DCCA record's ``score`` is. With the LLM's views it is the agreement share (``score_kind``
+    ``agreement``: not a probability). Without them the encoder is the only annotator, so every label would
+    have agreement 1.0, a number that says nothing: the score is then the prior's P(label is right)."""
+    for rec in records:
+        if rec.get("label") is None:
+            continue
+        if agreement:
+            rec["score_kind"] = "agreement"
+        else:
+            rec["score"], rec["score_kind"] = round(float(rec["prior_probability"]), 4), "probability"
+
+
 def _agreement_score(views_row: np.ndarray, final: int, result: DCCAResult, pos: int) -> float:
     """Uncalibrated confidence: the share of the views and of the last vote that back the final label."""
     support = [float(v == final) for v in views_row]
@@ -819,6 +863,9 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 _MIN_POOL_ANCHORS = 20  # anchors answered by the LLM views below which the views cannot be weighed
+#: Half-samples of the anchors behind the label-free stage's consistency target: 8 gives shares in steps of
+#: 1/8, enough for a regression target; more only adds classification passes (not tuned on any data set).
+RESAMPLES = 8
 
 
 @dataclass

@@ -45,7 +45,8 @@ class TaskDataError(ValueError):
 class Scores:
     values: dict[int, float]  # task id -> prediction score
     threshold: float  # flag for review below it
-    message: str  # how the scores were made (calibrated on N reviews, or the prior fallback)
+    message: str  # how the scores were made (calibrated on N reviews, or what the first probability rests on)
+    calibrated: bool = False  # calibrated on reviews (else the records' own probability, or the agreement score)
 
 
 @dataclass
@@ -105,6 +106,31 @@ def annotation_label(annotation: dict[str, Any], target: ChoicesTarget) -> str |
             log.warning("annotation %s: choice %r is not in the label set of <Choices name=%r>; not an anchor",
                         annotation.get("id"), choices, target.from_name)
     return None
+
+
+def probability_score(record: dict[str, Any]) -> float:
+    """P(label is right) of a record before any review: a pooled run's score, else (a DCCA run, whose score
+    is an agreement share) the prior's probability; a record without either gets its agreement score."""
+    if record.get("score_kind") == "probability":
+        return round(float(record.get("score") or 0.0), 4)
+    if record.get("prior_probability") is not None:
+        return round(float(record["prior_probability"]), 4)
+    return review_score(record)
+
+
+def published_probabilities(records: list[dict[str, Any]], calibrator: Calibrator) -> tuple[np.ndarray, bool]:
+    """The prediction scores Label Studio shows (with calibration on), and whether the reviews calibrated
+    them: the calibrator's P(label is right) once it has enough reviews, before that the records' own
+    probability (:func:`probability_score`; a DCCA run's items whose annotators disagreed are flagged
+    whatever it says, see :meth:`ProjectModel.prediction`)."""
+    if calibrator.fallback_:
+        return np.array([probability_score(r) for r in records], dtype=np.float64), False
+    return (calibrator.predict_records(records) if records else np.zeros(0)), True
+
+
+def disagreed(record: dict[str, Any]) -> bool:
+    """The views of a DCCA run disagreed on the item (an agreement record outside the consistent stages)."""
+    return record.get("score_kind") != "probability" and record.get("stage") not in NOT_FLAGGED
 
 
 def review_score(record: dict[str, Any]) -> float:
@@ -510,23 +536,32 @@ class ProjectModel:
     def _values(self, records: dict[int, dict[str, Any]]) -> tuple[dict[int, float], str, bool]:
         """(score per task, how it was made, whether it is a calibrated probability)."""
         ids = [t for t, r in records.items() if r.get("label") is not None]
-        agreement = {t: review_score(records[t]) for t in ids}
         if not self.settings.calibration:
-            return agreement, "agreement score (HCC_CALIBRATION=0)", False
+            return {t: review_score(records[t]) for t in ids}, "agreement score (HCC_CALIBRATION=0)", False
         cal = self.calibrator()
-        if cal.fallback_:
-            # Too few reviews to calibrate: the agreement score keeps the review tab on the items the
-            # annotators disagreed on, which the encoder-only prior mapping cannot see.
-            return agreement, f"{cal.message_}; until then the score is the agreement score", False
-        probs = cal.predict_records([records[t] for t in ids]) if ids else np.zeros(0)
-        return {t: round(float(p), 4) for t, p in zip(ids, probs, strict=True)}, cal.message_, True
+        probs, calibrated = published_probabilities([records[t] for t in ids], cal)
+        message = cal.message_ if calibrated else f"{self.first_probability()}; {cal.message_}"
+        return {t: round(float(p), 4) for t, p in zip(ids, probs, strict=True)}, message, calibrated
+
+    def first_probability(self) -> str:
+        """What the score before calibration rests on, in words (/status shows it)."""
+        prior = self.pipeline.prior().message
+        if self.settings.hcc.combine != "pool":
+            return (f"until calibrated, the score is P(label is right) from the encoder's signals ({prior}); "
+                    "items the annotators disagreed on are flagged whatever it is")
+        evidence = self.pipeline.evidence(allow_llm=False)
+        llm = (f"; where the LLM was asked, the views' weights fitted on {evidence.pool.items} anchors"
+               if evidence.pool is not None and evidence.pool.adopted else "")
+        return (f"until calibrated, the score is the pool's P(label is right): the encoder's temperature fitted on "
+                f"{evidence.anchors} cross-checked anchors{llm}")
 
     def scores(self, records: dict[int, dict[str, Any]]) -> Scores:
         """Scores and the flag threshold over the project's unlabelled records (a pre-label or re-vote run).
 
         Once enough reviews exist: P(label is right) from the calibrator, flagged below the threshold at
-        which the unflagged items reach ``HCC_TARGET_PRECISION``. Before that (or with ``HCC_CALIBRATION=0``):
-        the agreement score, flagged below ``HCC_REVIEW_THRESHOLD``.
+        which the unflagged items reach ``HCC_TARGET_PRECISION``. Before that: the records' own P(label is
+        right) (:func:`published_probabilities`); with ``HCC_CALIBRATION=0``, the agreement score; either
+        flagged below ``HCC_REVIEW_THRESHOLD``.
         """
         values, message, calibrated = self._values(records)
         if not calibrated:
@@ -534,9 +569,10 @@ class ProjectModel:
         else:
             threshold = round(threshold_for_precision(np.array(list(values.values())),
                                                       self.settings.target_precision) if values else 1.0, 4)
-        self.store.set("calibration", {"message": message, "threshold": threshold, "calibrated": calibrated,
-                                       "target_precision": self.settings.target_precision})
-        return Scores(values, threshold, message)
+        kind = "probability" if calibrated or self.settings.calibration else "agreement"
+        self.store.set("calibration", {"kind": kind, "message": message, "threshold": threshold,
+                                       "calibrated": calibrated, "target_precision": self.settings.target_precision})
+        return Scores(values, threshold, message, calibrated)
 
     def batch_scores(self, records: dict[int, dict[str, Any]]) -> Scores:
         """Scores of a /predict batch, flagged with the threshold of the last project-wide run (a batch is
@@ -546,16 +582,19 @@ class ProjectModel:
         if not calibrated:
             return Scores(values, self.settings.review_threshold, message)
         if last.get("calibrated") and last.get("threshold") is not None:
-            return Scores(values, float(last["threshold"]), message)
+            return Scores(values, float(last["threshold"]), message, True)
         threshold = threshold_for_precision(np.array(list(values.values())), self.settings.target_precision) \
             if values else 1.0
-        return Scores(values, float(threshold), message)
+        return Scores(values, float(threshold), message, True)
 
     # -- Label Studio shapes --------------------------------------------------------------------------
-    def prediction(self, task_id: int, record: dict[str, Any], score: float, threshold: float) -> Prediction:
+    def prediction(self, task_id: int, record: dict[str, Any], score: float, threshold: float, *,
+                   calibrated: bool = False) -> Prediction:
         result = [{"from_name": self.target.from_name, "to_name": self.target.to_name, "type": "choices",
                    "value": {"choices": [record["label"]]}}]
         # An encoder-only label given while the LLM was down is flagged whatever its score: a view is missing.
-        flagged = score < threshold or bool(record.get("llm_unavailable"))
+        # Until the reviews calibrate the score, a DCCA item whose annotators disagreed is flagged too: the
+        # encoder's prior, its score then, cannot see the disagreement.
+        flagged = score < threshold or bool(record.get("llm_unavailable")) or (not calibrated and disagreed(record))
         return Prediction(task_id=task_id, label=record["label"], score=score, needs_review=flagged,
                           stage=record["stage"], result=result)

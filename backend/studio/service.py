@@ -262,7 +262,8 @@ class HCCService:
                 log.warning("predict: %s", error)
                 results.append({"result": [], "score": 0.0, "model_version": version, "error": error})
                 continue
-            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
+            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold,
+                                    calibrated=scores.calibrated)
             results.append({"result": pred.result, "score": pred.score, "model_version": version})
         return results
 
@@ -404,7 +405,7 @@ class HCCService:
         version = versioned(self.settings.model_version, trained)
         return {"project": project_id, "model_version": version,
                 "anchors": store.anchor_count(), "job": store.get("job", {}), "last_run": store.get("last_run", {}),
-                "training": store.get("training", {}), "llm": store.get("llm"),
+                "training": store.get("training", {}), "llm": store.get("llm"), "score": store.get("calibration"),
                 "encoder": (trained or {}).get("model_path") or self.settings.encoder,
                 "pending_jobs": self.jobs.pending() + self.training_jobs.pending()}
 
@@ -575,7 +576,8 @@ class HCCService:
         for task_id, record in records.items():
             if record.get("label") is None:
                 continue
-            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold)
+            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold,
+                                    calibrated=scores.calibrated)
             needs_review += pred.needs_review
             pid, before = known.get(task_id, (None, None))
             written = {**pred.written(), "model_version": version}

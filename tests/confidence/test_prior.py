@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from backend.confidence.prior import PRIOR, PriorMapping, fit_prior, prior_features
+from backend.confidence.prior import PRIOR, PriorMapping, fit_elicited, fit_prior, prior_features
 
 
 def packaged_signals(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -74,3 +74,24 @@ def test_too_few_or_one_sided_anchors_keep_the_packaged_mapping(n, n_right):
     assert not mapping.adapted
     assert "too few to rescale it" in mapping.message
     assert mapping.as_dict()["weights"] == PriorMapping().weights
+
+
+def test_the_label_free_estimator_recovers_the_consistency_it_is_fitted_on_then_the_anchors_rescale_it():
+    # A known truth: each item's consistency is sigmoid(-4 + 2 x encoder_logit + 3 x anchor_similarity).
+    features, _ = packaged_signals(2000, seed=3)
+    truth = {"encoder_logit": 2.0, "anchor_similarity": 3.0}
+    consistency = expit(-4.0 + sum(w * features[k] for k, w in truth.items()))
+    elicited = fit_elicited(features, consistency)
+    assert elicited is not None and "2000 items" in elicited.message
+    assert elicited.intercept == pytest.approx(-4.0, abs=0.3)
+    assert elicited.weights == pytest.approx(truth, abs=0.3)
+    # Consistency is not correctness: anchors right half the time whatever it says rescale it to their rate.
+    anchors, _ = packaged_signals(300, seed=4)
+    right = np.random.default_rng(5).random(300) < 0.5
+    mapping = fit_prior(anchors, right, base=elicited)
+    assert mapping.adapted and mapping.message.startswith("label-free prior mapping rescaled on 300")
+    assert abs(mapping.probability(anchors).mean() - right.mean()) < 0.05
+    # Too few items, or a target with nothing to learn: no estimator.
+    few = {k: v[:49] for k, v in features.items()}
+    assert fit_elicited(few, consistency[:49]) is None
+    assert fit_elicited(features, np.ones(2000)) is None

@@ -150,6 +150,23 @@ def test_prior_logit_is_the_records_prior_else_the_packaged_mapping_of_its_signa
     assert "prior_logit" not in feature_names([old])
 
 
+def test_a_pooled_records_own_probability_is_the_calibrators_base() -> None:
+    # Known truth: each label is right with probability `score`; prior_probability says nothing about it.
+    rng = np.random.default_rng(0)
+    score = rng.uniform(0.05, 0.95, 400)
+    right = rng.random(400) < score
+    records = [hcc_record(prior_probability=0.9, score=round(float(p), 4), score_kind="probability")
+               for p in score]
+    s = signal_features(records)
+    assert s.column("prior_logit").tolist() == pytest.approx(logit(np.round(score, 4)).tolist())
+    # Before any review the calibrator gives the score back, not the uninformative 0.9 ...
+    p = Calibrator().fit(s.values[:0], right[:0], feature_names=s.names).predict_proba(s.values)
+    assert p == pytest.approx(np.round(score, 4), abs=1e-3)
+    # ... and an agreement share (a DCCA record) is never read as one.
+    dcca = signal_features([hcc_record(prior_probability=0.3, score=1.0, score_kind="agreement")])
+    assert dcca.column("prior_logit").tolist() == pytest.approx([float(logit(0.3))])
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -243,7 +243,10 @@ def test_pipeline_without_llm_uses_the_encoder_alone():
     assert [r["label"] for r in out.records] == ["a", "b", "c"]
     assert [r["encoder_label"] for r in out.records] == ["a", "b", "c"]
     assert out.records[0]["encoder_score"] == pytest.approx(math.cos(math.radians(10)), abs=1e-6)
-    assert out.records[0]["score"] == 1.0
+    # The encoder is the only annotator: its agreement with itself (1.0) would say nothing, so the score is
+    # the prior's probability that the label is right.
+    assert all(r["score_kind"] == "probability" for r in out.records)
+    assert [r["score"] for r in out.records] == [round(r["prior_probability"], 4) for r in out.records]
     assert not any(key.startswith("llm_") for key in out.records[0])
     assert out.final_labels.tolist() == [0, 1, 2]
     assert out.report["stages"] == {"encoder_only": 3}
@@ -409,6 +412,49 @@ def test_records_carry_the_prior_mapping_of_their_encoder_signals():
     for rec in out.records:
         expected = PriorMapping().probability(prior_features(rec["encoder_probability"], rec["anchor_similarity"]))
         assert rec["prior_probability"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_dcca_scores_say_whether_they_are_an_agreement_share_or_a_probability():
+    pipe, _ = make_pipeline()
+    alone = pipe.annotate(["cons", "bad", "lost"]).records
+    assert len({r["score"] for r in alone}) > 1  # not 1.0 for every label, as an agreement share would be
+    with_llm, _ = make_pipeline(ScriptedLLM(SCRIPT))
+    records = [r for r in with_llm.annotate(TEXTS, skip=SKIP).records if r["label"] is not None]
+    assert {r["score_kind"] for r in records} == {"agreement"}
+
+
+def _guessing_pipeline(**config) -> tuple[HCCPipeline, list[str]]:
+    """2-D anchors at random angles with random labels (the encoder is a coin, yet every anchor has a very
+    close neighbour, which the packaged mapping reads as a confident, likely right label) and 100 items."""
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(0, 360, 240)
+    texts = [f"anchor {i}" for i in range(240)]
+    labels = [LABELS[int(x)] for x in rng.integers(0, 2, 240)]
+    items = {f"item {i}": float(a) for i, a in enumerate(rng.uniform(0, 360, 100))}
+    encoder = FixedEncoder({**dict(zip(texts, angles, strict=True)), **items})
+    pipe = HCCPipeline(encoder, LABELS, config=HCCConfig(label_prototypes=False, **config))
+    pipe.set_anchors(texts, labels)
+    return pipe, list(items)
+
+
+def test_the_label_free_stage_fits_the_prior_on_resampled_consistency_then_the_anchors():
+    pipe, items = _guessing_pipeline(label_free_prior=True)
+    packaged = pipe.prior()
+    records = pipe.annotate(items).records
+    mapping = pipe.prior()
+    assert mapping is not packaged and "label-free prior mapping" in mapping.message
+    assert pipe._elicited is not None and "100 items" in pipe._elicited.message
+    # Its weights are the consistency estimator's, rescaled on the anchors: not the packaged ones.
+    assert mapping.weights != packaged.weights
+    # The anchors show a coin: the rescaled label-free prior says so too.
+    assert 0.35 < np.mean([r["prior_probability"] for r in records]) < 0.65
+    # A batch too small to learn from keeps the estimator of the last large one, rescaled on new anchors.
+    pipe.set_anchors(pipe.anchor_texts[:200], [LABELS[i] for i in pipe.anchor_labels[:200]])
+    pipe.annotate(items[:3])
+    assert "label-free" in pipe.prior().message and pipe.prior().pairs == 200
+    off, _ = _guessing_pipeline()
+    off.annotate(items)
+    assert off._elicited is None and "label-free" not in off.prior().message
 
 
 def test_prior_is_rescaled_where_the_anchors_show_the_encoder_guessing():

@@ -112,6 +112,9 @@ def test_import_prelabels_every_unlabelled_task(world):
         assert meta["needs_review"] == (pred["score"] < threshold)
     last = _status(world)["last_run"]
     assert "no reviewed items yet" in last["scores"]  # calibrated score: the documented prior until reviews
+    score = _status(world)["score"]  # what the score users see is, and what it rests on
+    assert score["kind"] == "probability" and not score["calibrated"] and score["threshold"] == threshold
+    assert "the pool's P(label is right)" in score["message"] and "cross-checked anchors" in score["message"]
     assert last["anchors"] == world["n_anchors"]
     assert last["labelled"] == world["n_tasks"] and last["views"]  # what the anchors showed of the LLM
     answered = last["stages"].get("consistent", 0) + last["stages"].get("combined", 0)

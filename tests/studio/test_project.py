@@ -250,18 +250,24 @@ def test_label_stores_records_and_reports_bad_tasks(model: ProjectModel) -> None
                                 "value": {"choices": [record["label"]]}}]
 
 
-def test_scores_are_the_agreement_score_until_enough_reviews_then_calibrated(model: ProjectModel) -> None:
+def test_scores_are_a_probability_from_the_first_prediction_then_calibrated(model: ProjectModel) -> None:
     records, _ = model.label(item_tasks())
-    early = model.scores(records)  # no reviews yet: documented fallback, the agreement score
+    early = model.scores(records)  # no reviews yet: the records' own P(right), not the DCCA agreement share
     assert "no reviewed items yet" in early.message and early.threshold == model.settings.review_threshold
-    assert all(early.values[t] == review_score(r) for t, r in records.items())
+    assert "P(label is right) from the encoder's signals" in early.message and not early.calibrated
+    assert all(early.values[t] == round(r["prior_probability"], 4) for t, r in records.items())
+    assert model.store.get("calibration")["kind"] == "probability"
+    # The encoder's prior cannot see that the views disagreed: those items stay flagged until calibrated.
+    for task_id, record in records.items():
+        pred = model.prediction(task_id, record, early.values[task_id], early.threshold)
+        assert pred.needs_review == (record["stage"] not in NOT_FLAGGED or early.values[task_id] < early.threshold)
     # Reviews of every predicted task, half of them disagreeing with the prediction: enough pairs to calibrate.
     model.calibrator = lambda: fit_calibrator(  # type: ignore[method-assign]
         [records[t] for t in records] * 4,
         [r["label"] if i % 2 else "__other__" for i, r in enumerate(list(records.values()) * 4)],
         min_pairs=4, min_per_class=2)
     late = model.scores(records)
-    assert "calibrated on" in late.message
+    assert "calibrated on" in late.message and late.calibrated
     assert all(0.0 < v < 1.0 for v in late.values.values())
     accepted = [v for v in late.values.values() if v >= late.threshold]
     # The unflagged items' expected precision (their mean probability) meets the target, when any are kept.
@@ -391,6 +397,9 @@ def test_the_pooled_default_labels_and_revotes_in_a_project(tmp_path: Path) -> N
     assert all(r["label"] == r["encoder_label"] for r in records.values())
     assert all(0.0 < r["score"] <= 1.0 for r in records.values())
     # before any review the tab holds the items more likely wrong than right: the score is a probability
+    first = project.scores(records)
+    assert all(first.values[t] == r["score"] for t, r in records.items())
+    assert "the pool's P(label is right)" in first.message and "cross-checked anchors" in first.message
     project.settings.calibration = False
     scores = project.scores(records)
     assert all(scores.values[t] == r["score"] for t, r in records.items())
