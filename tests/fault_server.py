@@ -186,6 +186,13 @@ def completion_body(action: Action, request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog of 5 resets connections when dozens arrive at once; serving engines
+    # (uvicorn, vLLM) listen with 2048
+    request_queue_size = 512
+
+
 @dataclass
 class FaultServer:
     """OpenAI-style ``GET /v1/models`` and ``POST /v1/chat/completions`` on 127.0.0.1, port chosen by the OS."""
@@ -225,6 +232,12 @@ class FaultServer:
         with self._lock:
             return len(self.requests)
 
+    def counters(self) -> dict[str, int]:
+        """Requests received, most held at once, refused for capacity, refused for the API's rules."""
+        with self._lock:
+            return {"requests": len(self.requests), "max_in_flight": self.max_in_flight, "refused": self.refused,
+                    "protocol_errors": self.protocol_errors}
+
     @property
     def url(self) -> str:
         assert self._httpd is not None, "the server is not running"
@@ -241,8 +254,7 @@ class FaultServer:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> FaultServer:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _make_handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", self.port), _make_handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
@@ -302,12 +314,18 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.0: one request per connection, so nothing lingers at shutdown (unless keep_alive is asked for)
         protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
+        # headers and body leave in two writes: with Nagle's algorithm the body waits ~40 ms for the client's
+        # delayed ACK on a kept-alive connection, a latency no serving engine has
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
             pass
 
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
             server._record_path("GET", self.path)
+            if self.path.rstrip("/") == "/stats":  # for a benchmark that runs the server in another process
+                self._send_json(200, server.counters())
+                return
             if self.path.rstrip("/") != "/v1/models":
                 self._send_json(404, _error_body(404, f"no route {self.path}"))
                 return
