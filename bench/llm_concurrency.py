@@ -12,14 +12,18 @@ candidate labels fits the text) about Banking77 texts. Reported per run: calls/s
 answers (sustained, without the start and the tail), over the whole run, the most requests in flight seen
 by the client's limit and by the server, and the client's CPU time per call. ``raw`` runs the OpenAI client
 alone from as many threads as the cap (no annotator, no cache, no limit): the ceiling of the client itself.
+``--embedded MODEL`` instead asks the embedded llama.cpp server (one request at a time) with caps 1, 4 and 64.
 
     nice -n 10 .venv/bin/python bench/llm_concurrency.py --out bench/results/llm_concurrency.json
+    nice -n 10 .venv/bin/python bench/llm_concurrency.py --embedded qwen2.5-coder-1.5b --items 40 \
+        --out bench/results/llm_concurrency_embedded.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -134,12 +138,12 @@ def sustained(finished: list[float], started: float) -> float:
     return (0.8 * len(ordered)) / (hi - lo) if hi > lo else float("nan")
 
 
-def run_annotator(scenario: Scenario, url: str, seed: int) -> dict[str, Any]:
+def run_annotator(scenario: Scenario, url: str, seed: int, model: str = "test") -> dict[str, Any]:
     texts, candidates, labels = questions(scenario.items, seed)
     finished: list[float] = []
     with tempfile.TemporaryDirectory() as cache:
-        llm = LLMAnnotator(labels, base_url=url, model="test", cache_dir=cache, concurrency=scenario.cap,
-                           timeout=60, max_retries=6)
+        llm = LLMAnnotator(labels, base_url=url, model=model, cache_dir=cache, concurrency=scenario.cap,
+                           timeout=300, max_retries=6)
         llm.limiter = AdaptiveLimit(scenario.cap)  # a fresh limit per run, as in a new process
         llm.serves_llama_cpp()  # the model list is asked once, before the clock starts
         cpu0, t0 = cpu_seconds(), time.perf_counter()
@@ -172,6 +176,28 @@ def run_raw(scenario: Scenario, url: str, seed: int) -> dict[str, Any]:
             "cpu_ms_per_call": round(1000 * cpu / len(texts), 2)}
 
 
+def run_embedded(model: str, items: int, repeats: int) -> dict[str, Any]:
+    """The annotator against the embedded llama.cpp server (llama-cpp-python: one request at a time)."""
+    from backend.models import local_llm
+
+    port = free_port()
+    proc = local_llm.serve(model, port=port, progress=False)
+    url = local_llm.base_url_for("127.0.0.1", port)
+    out: dict[str, Any] = {"model": model, "items": items, "caps": {}}
+    try:
+        run_annotator(Scenario("warm", 1, 4), url, 99, model=model)  # load the weights, warm the prefix
+        for cap in (1, 4, 64):
+            runs = [run_annotator(Scenario(f"cap{cap}", cap, items), url, seed, model=model)
+                    for seed in range(repeats)]
+            for run in runs:
+                run["load_average"] = round(os.getloadavg()[0], 1)
+                print("embedded", cap, json.dumps(run), flush=True)
+            out["caps"][cap] = {"runs": runs, "summary": summarise(runs)}
+    finally:
+        local_llm.stop(proc)
+    return out
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in runs[0]:
@@ -187,12 +213,19 @@ def main() -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--embedded", metavar="MODEL", help="ask the embedded llama.cpp server running MODEL instead")
+    ap.add_argument("--items", type=int, default=40, help="questions per run with --embedded")
     ap.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)  # child mode: the endpoint
     ap.add_argument("--capacity", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--slots", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve, args.delay, args.capacity, args.slots)
+        return 0
+    if args.embedded:
+        result = {"cpus": _cpus(), "repeats": args.repeats, **run_embedded(args.embedded, args.items, args.repeats)}
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
         return 0
 
     results: dict[str, Any] = {"delay_s": args.delay, "repeats": args.repeats, "cpus": _cpus(), "scenarios": {}}
@@ -207,7 +240,8 @@ def main() -> int:
                     server = endpoint.counters()
                 finally:
                     endpoint.close()
-                run.update(server_max_in_flight=server["max_in_flight"], server_refused=server["refused"])
+                run.update(server_max_in_flight=server["max_in_flight"], server_refused=server["refused"],
+                           load_average=round(os.getloadavg()[0], 1))  # the machine is shared: say how busy
                 runs.append(run)
                 print(name, seed, json.dumps(run), flush=True)
             results["scenarios"][name] = {"cap": scenario.cap, "items": scenario.items,
@@ -219,8 +253,6 @@ def main() -> int:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

@@ -122,7 +122,7 @@ class Settings:
             llm_model=env("HCC_LLM_MODEL", "") or "local",
             llm_api_key=env("HCC_LLM_API_KEY", "") or env("OPENAI_API_KEY", ""),
             llm_structured=env("HCC_LLM_STRUCTURED", "") or "auto",
-            llm_concurrency=int(env("HCC_LLM_CONCURRENCY", "") or DEFAULT_CAP),
+            llm_concurrency=_int("HCC_LLM_CONCURRENCY", DEFAULT_CAP, minimum=1),
             llm_logprobs=_flag("HCC_LLM_LOGPROBS", None),
             encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
             second_encoder=(env("HCC_SECOND_ENCODER", "") or "").strip(),
