@@ -13,6 +13,8 @@ answers (sustained, without the start and the tail), over the whole run, the mos
 by the client's limit and by the server, and the client's CPU time per call. ``raw`` runs the OpenAI client
 alone from as many threads as the cap (no annotator, no cache, no limit): the ceiling of the client itself.
 ``--embedded MODEL`` instead asks the embedded llama.cpp server (one request at a time) with caps 1, 4 and 64.
+``--cache-writes`` measures the answer cache's writes/s from 10 threads with SQLite's synchronous=FULL (the
+default, before) and NORMAL (what the cache uses).
 
     nice -n 10 .venv/bin/python bench/llm_concurrency.py --out bench/results/llm_concurrency.json
     nice -n 10 .venv/bin/python bench/llm_concurrency.py --embedded qwen2.5-coder-1.5b --items 40 \
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.labelling.concurrency import AdaptiveLimit  # noqa: E402
 from backend.labelling.llm import LLMAnnotator  # noqa: E402
+from backend.labelling.llm_cache import ResponseCache  # noqa: E402
 from backend.models.local_llm import free_port  # noqa: E402
 from backend.studio import launch  # noqa: E402
 
@@ -198,6 +201,23 @@ def run_embedded(model: str, items: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def cache_writes(synchronous: str, writes: int = 300, threads: int = 10) -> float:
+    """Answers stored per second by ``threads`` threads into a fresh cache file."""
+    answer = {"content": '{"label": "card arrival"}', "logprobs": []}
+    with tempfile.TemporaryDirectory() as folder:
+        cache = ResponseCache(Path(folder) / "llm_responses.sqlite")
+
+        def write(worker: int) -> None:
+            cache._connect().execute(f"PRAGMA synchronous={synchronous}")  # this thread's connection
+            for i in range(writes // threads):
+                cache.put(f"{worker}-{i}", answer)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(write, range(threads)))
+        return writes / (time.perf_counter() - t0)
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in runs[0]:
@@ -215,12 +235,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--embedded", metavar="MODEL", help="ask the embedded llama.cpp server running MODEL instead")
     ap.add_argument("--items", type=int, default=40, help="questions per run with --embedded")
+    ap.add_argument("--cache-writes", action="store_true", help="measure the answer cache's writes/s instead")
     ap.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)  # child mode: the endpoint
     ap.add_argument("--capacity", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--slots", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve, args.delay, args.capacity, args.slots)
+        return 0
+    if args.cache_writes:
+        result = {mode: [round(cache_writes(mode), 1) for _ in range(args.repeats)] for mode in ("FULL", "NORMAL")}
+        print(json.dumps(result))
+        if args.out:
+            args.out.write_text(json.dumps({"writes_per_s": result, "threads": 10}, indent=1) + "\n")
         return 0
     if args.embedded:
         result = {"cpus": _cpus(), "repeats": args.repeats, **run_embedded(args.embedded, args.items, args.repeats)}

@@ -5,10 +5,11 @@ cache directory: each write is one transaction, so a reader sees an answer whole
 of each process has its own connection; a connection is never used in a process forked after it was opened
 (SQLite forbids it: its file locks belong to the process that took them). ``synchronous=NORMAL``: in WAL
 mode a crash may lose the last answers, never the file, and a write no longer waits for the disk (measured
-in docs/benchmarks.md: ~130 writes/s with the default FULL, thousands with NORMAL; at 100 LLM answers/s the
-FULL cache was the bottleneck). A cache that is busy beyond the timeout (another process holds a long
-write) or unreadable costs a miss or an unsaved answer and a warning, never the answer itself. Two workers
-that miss the same key at once both ask the LLM; the second write replaces the first with an equal answer.
+in docs/benchmarks.md: 100-130 writes/s from 10 threads with the default FULL, 1,400-3,500 with NORMAL on a
+busy machine; at 100 LLM answers/s the FULL cache was the bottleneck). A cache that is busy beyond the
+timeout (another process holds a long write) or unreadable costs a miss or an unsaved answer and a warning,
+never the answer itself. Two workers that miss the same key at once both ask the LLM; the second write
+replaces the first with an equal answer.
 """
 
 from __future__ import annotations

@@ -227,3 +227,26 @@ def test_only_requests_alone_in_flight_raise_the_baseline() -> None:
     clock.now += 0.9
     limit.release(token, "ok")
     assert limit.snapshot().base_latency == pytest.approx(0.6)
+
+
+def test_many_threads_all_get_through_and_never_exceed_the_limit() -> None:
+    limit = AdaptiveLimit(cap=6, start=2)
+    peak, lock, done = [0], threading.Lock(), []
+
+    def work() -> None:
+        for _ in range(20):
+            token = limit.acquire()
+            with lock:
+                peak[0] = max(peak[0], limit.snapshot().in_flight)
+            threading.Event().wait(0.001)
+            limit.release(token, "ok")
+        done.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(done) == 40  # no thread left waiting for a wake-up that never came
+    assert peak[0] <= 6 and limit.snapshot().in_flight == 0

@@ -135,7 +135,7 @@ def test_an_unreadable_value_is_a_miss(tmp_path: Path) -> None:
 
 def test_writes_do_not_wait_for_the_disk(tmp_path: Path) -> None:
     # synchronous=NORMAL in WAL mode: the file survives a crash, the last answers may not; FULL made every
-    # answer wait for an fsync (~130 writes/s here, below the answers/s a served LLM gives: docs/benchmarks.md)
+    # answer wait for an fsync (100-130 writes/s here, about the answers/s a served LLM gives: docs/benchmarks.md)
     cache = ResponseCache(tmp_path / "c.sqlite")
     cache.put("k", RESPONSE)
     conn = cache._connect()
