@@ -33,13 +33,15 @@ def unlimited(latency: float) -> Endpoint:
     return Endpoint(lambda now, serving: (now + latency, "ok"))
 
 
-def single_slot(service: float) -> Endpoint:
-    """One request at a time, the others queued in arrival order (llama.cpp with one slot)."""
-    free_at = [0.0]
+def slots(count: int, service: float) -> Endpoint:
+    """``count`` requests served at once, the others queued for the first free slot (llama-cpp-python's server
+    is ``slots(1, ...)``; llama-server -np N, vLLM with --max-num-seqs N at a fixed step time)."""
+    free_at = [0.0] * count
 
     def respond(now: float, serving: int) -> tuple[float, str]:
-        free_at[0] = max(now, free_at[0]) + service
-        return free_at[0], "ok"
+        finish = max(now, heapq.heappop(free_at)) + service
+        heapq.heappush(free_at, finish)
+        return finish, "ok"
 
     return Endpoint(respond)
 
@@ -106,7 +108,7 @@ def test_a_single_slot_server_is_not_flooded(start: int) -> None:
     clock = Clock()
     limit = AdaptiveLimit(cap=64, start=start, clock=clock)
 
-    trace = drive(limit, clock, single_slot(0.5), 300)
+    trace = drive(limit, clock, slots(1, 0.5), 300)
 
     # every request beyond the first only queues: the limit never grows past where it started (or 2 from 1)
     assert max(trace.limits) <= max(start, 2)
@@ -117,7 +119,7 @@ def test_a_single_slot_server_brings_a_high_limit_down() -> None:
     clock = Clock()
     limit = AdaptiveLimit(cap=64, start=32, clock=clock)
 
-    trace = drive(limit, clock, single_slot(0.5), 1500)
+    trace = drive(limit, clock, slots(1, 0.5), 1500)
 
     assert trace.limits[-1] <= 8 < 32  # the queue estimate q = limit - 1 stays above beta until the limit is small
 
@@ -250,3 +252,14 @@ def test_many_threads_all_get_through_and_never_exceed_the_limit() -> None:
 
     assert len(done) == 40  # no thread left waiting for a wake-up that never came
     assert peak[0] <= 6 and limit.snapshot().in_flight == 0
+
+
+@pytest.mark.parametrize("count", [4, 16])
+def test_a_server_with_several_slots_is_kept_busy_with_a_short_queue(count: int) -> None:
+    clock = Clock()
+    limit = AdaptiveLimit(cap=64, start=4, clock=clock)
+
+    trace = drive(limit, clock, slots(count, 0.5), 3000)
+
+    assert trace.answered / clock.now >= 0.95 * count / 0.5  # every slot busy: the server's full rate
+    assert max(trace.limits[len(trace.limits) // 2:]) <= 2 * count  # at most as many waiting as served
