@@ -12,6 +12,11 @@ Usage::
         annotator = LLMAnnotator(labels, base_url=server.url, ...)
 
 or through the ``fault_server`` pytest fixture (import ``fault_server_fixture`` into the test module).
+
+Load models: ``capacity=N`` refuses with 429 any request that arrives while N are being served (a rate-limited
+endpoint); ``slots=N`` serves at most N at once and queues the rest, each taking its action's ``delay`` once
+served (a llama.cpp server with N slots). ``keep_alive=True`` speaks HTTP/1.1 with persistent connections,
+as serving engines do (the default, HTTP/1.0, closes every connection so nothing lingers at shutdown).
 """
 
 from __future__ import annotations
@@ -181,6 +186,13 @@ def completion_body(action: Action, request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog of 5 resets connections when dozens arrive at once; serving engines
+    # (uvicorn, vLLM) listen with 2048
+    request_queue_size = 512
+
+
 @dataclass
 class FaultServer:
     """OpenAI-style ``GET /v1/models`` and ``POST /v1/chat/completions`` on 127.0.0.1, port chosen by the OS."""
@@ -192,12 +204,19 @@ class FaultServer:
     paths: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every request
     max_in_flight: int = 0  # most chat requests held at the same time
     protocol_errors: int = 0  # requests refused because they break the API's own rules
+    capacity: int | None = None  # requests served at once above which a new one gets 429; None: any number
+    slots: int | None = None  # requests served at once; the others wait for a slot (llama.cpp's n_parallel)
+    keep_alive: bool = False
+    port: int = 0  # 0: the OS chooses
+    refused: int = 0  # requests answered 429 because ``capacity`` was reached
 
     def __post_init__(self) -> None:
         self._queue: deque[Responder] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._in_flight = 0
+        self._serving = 0  # requests past the capacity check, not yet answered
+        self._slots = threading.Semaphore(self.slots) if self.slots else None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -213,6 +232,12 @@ class FaultServer:
         with self._lock:
             return len(self.requests)
 
+    def counters(self) -> dict[str, int]:
+        """Requests received, most held at once, refused for capacity, refused for the API's rules."""
+        with self._lock:
+            return {"requests": len(self.requests), "max_in_flight": self.max_in_flight, "refused": self.refused,
+                    "protocol_errors": self.protocol_errors}
+
     @property
     def url(self) -> str:
         assert self._httpd is not None, "the server is not running"
@@ -225,11 +250,11 @@ class FaultServer:
             self._queue.clear()
             self.max_in_flight = 0
             self.protocol_errors = 0
+            self.refused = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> FaultServer:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", self.port), _make_handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
@@ -250,40 +275,57 @@ class FaultServer:
         self.stop()
 
     # -- used by the handler ---------------------------------------------------------------------
-    def _next_action(self, body: dict[str, Any]) -> Action:
+    def _next_action(self, body: dict[str, Any]) -> tuple[Action, bool]:
+        """The action for this request and whether it counts against ``capacity`` (False when refused)."""
         with self._lock:
             self.requests.append(body)
-            responder = self._queue.popleft() if self._queue else self.default
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        return responder(body) if callable(responder) else responder
+            if self.capacity is not None and self._serving >= self.capacity:
+                self.refused += 1
+                return rate_limited(), False
+            self._serving += 1
+            responder = self._queue.popleft() if self._queue else self.default
+        return (responder(body) if callable(responder) else responder), True
 
     def _reject(self, body: dict[str, Any]) -> None:
         with self._lock:
             self.requests.append(body)
             self.protocol_errors += 1
 
-    def _done(self) -> None:
+    def _done(self, served: bool) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._serving -= served
 
     def _record_path(self, method: str, path: str) -> None:
         with self._lock:
             self.paths.append((method, path))
 
     def _wait(self, seconds: float) -> None:
-        self._stopping.wait(seconds)
+        if self._slots is None:
+            self._stopping.wait(seconds)
+            return
+        with self._slots:  # queued behind the requests being served, then served for ``seconds``
+            self._stopping.wait(seconds)
 
 
 def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"  # one request per connection: nothing lingers at shutdown
+        # HTTP/1.0: one request per connection, so nothing lingers at shutdown (unless keep_alive is asked for)
+        protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
+        # headers and body leave in two writes: with Nagle's algorithm the body waits ~40 ms for the client's
+        # delayed ACK on a kept-alive connection, a latency no serving engine has
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
             pass
 
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
             server._record_path("GET", self.path)
+            if self.path.rstrip("/") == "/stats":  # for a benchmark that runs the server in another process
+                self._send_json(200, server.counters())
+                return
             if self.path.rstrip("/") != "/v1/models":
                 self._send_json(404, _error_body(404, f"no route {self.path}"))
                 return
@@ -312,14 +354,14 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
                 server._reject(body)
                 self._send_json(400, _error_body(400, problem))
                 return
-            action = server._next_action(body)
+            action, served = server._next_action(body)
             try:
                 self._perform(action, body)
             finally:
-                server._done()
+                server._done(served)
 
         def _perform(self, action: Action, body: dict[str, Any]) -> None:
-            if action.delay:
+            if action.delay or server.slots:
                 server._wait(action.delay)
             headers = dict(action.headers)
             if action.body is not None:

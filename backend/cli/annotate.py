@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from backend import data
+from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, Encoder
 from backend.labelling.llm import LLMAnnotator
 from backend.labelling.pipeline import HCCConfig, HCCPipeline
@@ -33,7 +34,7 @@ class AnnotateOptions:
     llm_base_url: str | None = None  # None: encoder only
     llm_model: str = "local"
     llm_api_key: str | None = None
-    llm_concurrency: int = 4
+    llm_concurrency: int = DEFAULT_CAP  # cap on requests in flight
     llm_timeout: float = 60.0
     logprobs: bool = False  # on the label views; the choice view decides by the server (LLMAnnotator)
     choice_logprobs: bool | None = None

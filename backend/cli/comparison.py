@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backend.labelling.concurrency import DEFAULT_CAP  # standard library only
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -90,7 +92,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-base-url", help="judge each pair with this OpenAI-compatible LLM (both orders)")
     p.add_argument("--llm-model", default=os.environ.get("HCC_LLM_MODEL", "local"))
     p.add_argument("--llm-timeout", type=float, default=60.0)
-    p.add_argument("--llm-concurrency", type=int, default=4)
+    p.add_argument("--llm-concurrency", type=int, default=DEFAULT_CAP, metavar="CAP",
+                   help="most judge requests in flight (the limit adapts below it, see `hcc annotate --help`)")
     p.add_argument("--structured", default="auto", choices=STRUCTURED_CHOICES,
                    help="how the judge's answer is constrained (see `hcc annotate`); grammar is fastest on llama.cpp")
     p.add_argument("--judge-out", help="also write the judge's verdicts here (CSV, usable as --judge)")

@@ -14,6 +14,7 @@ from backend import __version__
 from backend.cli import comparison as cli_comparison
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
 from backend.labelling.anchors import CLASSIFIERS
+from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, PRECISIONS
 from backend.labelling.llm import STRUCTURED_MODES
 from backend.labelling.pipeline import COMBINERS, UNRESOLVED_POLICIES, VOTE_METHODS, HCCConfig
@@ -103,7 +104,9 @@ def _add_llm_options(p: argparse.ArgumentParser, *, default_url: str | None) -> 
     g.add_argument("--llm-base-url", default=default_url,
                    help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8081/v1 (env HCC_LLM_BASE_URL)")
     g.add_argument("--llm-model", default=os.environ.get("HCC_LLM_MODEL", "local"))
-    g.add_argument("--llm-concurrency", type=int, default=4)
+    g.add_argument("--llm-concurrency", type=int, default=DEFAULT_CAP, metavar="CAP",
+                   help="most LLM requests in flight: the limit starts at 4, grows while the server keeps up "
+                        "and backs off on 429/5xx/timeouts, never above CAP (docs/scaling.md)")
     g.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
     g.add_argument("--logprobs", action="store_true",
                    help="ask the label views (zero_shot, hinted, few_shot) for token logprobs: a confidence signal, "

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from backend.labelling import prompts
+from backend.labelling.concurrency import DEFAULT_CAP, AdaptiveLimit, Outcome, Token, endpoint_limit
 from backend.labelling.llm_cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ _RETRYABLE = (
     openai.InternalServerError,
     openai.APIResponseValidationError,
 )
+# What says the endpoint has more than it can take: the concurrency limit backs off (429, 5xx, timeouts).
+_OVERLOAD = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError)
 # Words in a 400 error that show the server rejects ``response_format`` itself (vLLM, TGI, LM Studio, ...).
 _FORMAT_WORDS = ("response_format", "json", "schema", "grammar")
 _MAX_DELAY = 30.0  # seconds; upper bound on one backoff or Retry-After wait (before jitter)
@@ -178,9 +182,13 @@ def gbnf_choice(options: Sequence[str]) -> str:
 class LLMAnnotator:
     """Label texts with an LLM behind an OpenAI-compatible endpoint.
 
-    Requests run on a bounded thread pool; failures are retried with exponential backoff and jitter on
-    connection errors, timeouts, 429 and 5xx. Every response is cached on disk under a key made of the
-    model, the messages and the parameters, so a re-run costs no calls.
+    Requests run on a thread pool of at most ``concurrency`` threads, and no more than the endpoint's
+    :class:`~backend.labelling.concurrency.AdaptiveLimit` allows are in flight: it starts at 4, grows while
+    the endpoint keeps up and backs off on 429/5xx/timeouts; ``concurrency`` is its cap, shared by every
+    annotator of the process on the same endpoint. Failures are retried with exponential backoff and jitter
+    on connection errors, timeouts, 429 and 5xx (the wait holds no slot). Every response is cached on disk
+    under a key made of the model, the messages and the parameters, so a re-run costs no calls. Results come
+    back in input order.
     """
 
     def __init__(
@@ -192,7 +200,7 @@ class LLMAnnotator:
         api_key: str | None = None,
         descriptions: Mapping[str, str] | None = None,
         cache_dir: str | Path | None = None,
-        concurrency: int = 4,
+        concurrency: int = DEFAULT_CAP,
         timeout: float = 60.0,
         max_retries: int = 4,
         backoff: float = 0.5,
@@ -212,7 +220,8 @@ class LLMAnnotator:
         self.model = model
         self.base_url = base_url
         self.descriptions = dict(descriptions or {})
-        self.concurrency = max(1, concurrency)
+        self.concurrency = max(1, concurrency)  # the cap on requests in flight
+        self.limiter: AdaptiveLimit = endpoint_limit(base_url, self.concurrency)
         self.max_retries = max_retries
         self.backoff = backoff
         self.temperature = temperature
@@ -339,7 +348,8 @@ class LLMAnnotator:
 
         if self.concurrency == 1 or len(user_messages) <= 1:
             return [one(i) for i in range(len(user_messages))]
-        with ThreadPoolExecutor(self.concurrency) as pool:
+        # As many threads as the cap allows; the limiter decides how many of them have a request out.
+        with ThreadPoolExecutor(min(self.concurrency, len(user_messages))) as pool:
             return list(pool.map(one, range(len(user_messages))))
 
     def _schema(self, enum: Sequence[str] | None) -> dict[str, Any]:
@@ -409,10 +419,13 @@ class LLMAnnotator:
     def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         attempt = 0
         while True:
-            started = time.perf_counter()
+            slot: Token | None = self.limiter.acquire()
+            started, outcome = time.perf_counter(), "other"
             try:
                 self.stats.add(calls=1)
-                return self._parse_completion(self._client.chat.completions.create(**request))
+                completion = self._create(request)
+                outcome = "ok"
+                return self._parse_completion(completion)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
                 raise LLMError(f"the LLM server at {self.base_url} refused the request: {exc}") from exc
             except openai.NotFoundError as exc:
@@ -422,6 +435,9 @@ class LLMAnnotator:
                 if not self._downgrade(request, exc):
                     raise
             except (*_RETRYABLE, ValueError) as exc:
+                outcome = _outcome(exc)
+                self.limiter.release(slot, outcome)
+                slot = None  # the backoff below waits without holding a slot
                 if attempt == self.max_retries:
                     if isinstance(exc, openai.APIConnectionError) and not isinstance(
                         exc, openai.APITimeoutError
@@ -431,7 +447,17 @@ class LLMAnnotator:
                 time.sleep(self._delay(attempt, exc))
                 attempt += 1
             finally:
+                if slot is not None:
+                    self.limiter.release(slot, outcome)
                 self.stats.add(seconds=time.perf_counter() - started)
+
+    def _create(self, request: dict[str, Any]) -> ChatCompletion:
+        """``chat.completions.create(**request)`` without the SDK's walk of every parameter through its type
+        hints, about a third of the client's CPU per call (bench/llm_concurrency.py); our parameters are
+        plain JSON, which that walk leaves as they are. Errors, timeouts and parsing are the SDK's own."""
+        body = {key: value for key, value in request.items() if key != "extra_body"}
+        body.update(request.get("extra_body") or {})  # as the SDK merges extra_body: at the top level
+        return self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
 
     def _parse_completion(self, completion: Any) -> dict[str, Any]:
         """Content, token logprobs and usage of a completion; a body of the wrong shape is malformed."""
@@ -520,6 +546,10 @@ class LLMAnnotator:
         distribution = candidate_distribution(content, given, choice, response)
         return LLMAnswer(label=label, valid=True, raw=content, cached=cached, distribution=distribution,
                          probability=distribution.get(label) if distribution else None)
+
+
+def _outcome(exc: Exception) -> Outcome:
+    return "overload" if isinstance(exc, _OVERLOAD) else "other"
 
 
 def candidate_distribution(content: str, given: str, candidates: Sequence[str], response: dict[str, Any]

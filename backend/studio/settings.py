@@ -10,7 +10,7 @@
 | ``HCC_LLM_BASE_URL`` | OpenAI-compatible endpoint; empty = encoder only | empty |
 | ``HCC_LLM_MODEL`` / ``HCC_LLM_API_KEY`` | model name and key for that endpoint | ``local`` / none |
 | ``HCC_LLM_STRUCTURED`` | how answers are held to the label set (see ``hcc annotate --help``) | ``auto`` |
-| ``HCC_LLM_CONCURRENCY`` | parallel LLM requests | ``4`` |
+| ``HCC_LLM_CONCURRENCY`` | cap on LLM requests in flight per process and endpoint (adapts below it) | ``64`` |
 | ``HCC_LLM_LOGPROBS`` | ``1``: every view asks for logprobs; ``0``: none; unset: the views that use them | unset |
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
 | ``HCC_SECOND_ENCODER`` | a second encoder whose opinion sharpens the score (e.g. ``all-mpnet-base-v2``) | none |
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from backend import __version__
 from backend.labelling.anchors import CLASSIFIERS
+from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
 from backend.labelling.pipeline import COMBINERS, HCCConfig
 from backend.labelling.training import TrainingConfig
@@ -88,7 +89,7 @@ class Settings:
     llm_model: str = "local"
     llm_api_key: str = field(default="", repr=False)
     llm_structured: str = "auto"
-    llm_concurrency: int = 4
+    llm_concurrency: int = DEFAULT_CAP  # the cap; the limit in flight adapts below it
     llm_logprobs: bool | None = None  # None: each view asks where it uses them
     encoder: str = DEFAULT_ENCODER
     encoder_precision: str = "float32"  # resolved: float32 or bfloat16
@@ -121,7 +122,7 @@ class Settings:
             llm_model=env("HCC_LLM_MODEL", "") or "local",
             llm_api_key=env("HCC_LLM_API_KEY", "") or env("OPENAI_API_KEY", ""),
             llm_structured=env("HCC_LLM_STRUCTURED", "") or "auto",
-            llm_concurrency=int(env("HCC_LLM_CONCURRENCY", "") or 4),
+            llm_concurrency=_int("HCC_LLM_CONCURRENCY", DEFAULT_CAP, minimum=1),
             llm_logprobs=_flag("HCC_LLM_LOGPROBS", None),
             encoder=env("HCC_ENCODER", "") or DEFAULT_ENCODER,
             second_encoder=(env("HCC_SECOND_ENCODER", "") or "").strip(),

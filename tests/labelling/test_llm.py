@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import socket
+import sqlite3
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,7 @@ import pytest
 from backend.labelling import llm as llm_module
 from backend.labelling import prompts
 from backend.labelling.llm import LabelMatcher, LLMAnnotator, LLMError, canonical, label_probability
+from backend.labelling.llm_cache import ResponseCache
 from tests.fault_server import (  # noqa: F401 - fault_server_fixture registers the `fault_server` fixture
     Action,
     FaultServer,
@@ -584,6 +587,97 @@ def test_requests_run_concurrently_and_keep_their_order(fault_server: FaultServe
     assert elapsed < 1.6  # one at a time would take 8 * 0.3 = 2.4 s
     assert 2 <= fault_server.max_in_flight <= 4
     assert len(ticks) == 8
+
+
+def labelled_texts(count: int) -> tuple[list[str], list[str]]:
+    texts = [f"item {i}" for i in range(count)]
+    return texts, [LABELS[i % len(LABELS)] for i in range(count)]
+
+
+def test_never_more_in_flight_than_the_cap(fault_server: FaultServer) -> None:
+    texts, expected = labelled_texts(120)
+    fault_server.default = answer_by_text(dict(zip(texts, expected, strict=True)), delay=0.05)
+    annotator = make(fault_server, concurrency=6)
+
+    results = annotator.zero_shot(texts)
+
+    assert [r.label for r in results] == expected  # input order, whatever order the answers came in
+    assert fault_server.max_in_flight == 6  # reached (it starts at 4 and the server keeps up), never passed
+    assert annotator.limiter.snapshot().max_in_flight == 6
+
+
+def test_in_flight_grows_past_its_start_when_the_server_keeps_up(fault_server: FaultServer) -> None:
+    texts, expected = labelled_texts(300)
+    fault_server.default = answer_by_text(dict(zip(texts, expected, strict=True)), delay=0.1)
+    annotator = make(fault_server, concurrency=32)
+    assert annotator.limiter.limit == 4
+
+    results = annotator.zero_shot(texts)
+
+    assert [r.label for r in results] == expected
+    assert fault_server.max_in_flight >= 8  # at least one doubling; 32 on an idle machine
+    assert annotator.limiter.snapshot().increases >= 1 and fault_server.max_in_flight <= 32
+
+
+def test_backs_off_when_the_server_refuses_above_its_capacity() -> None:
+    texts, expected = labelled_texts(200)
+    responder = answer_by_text(dict(zip(texts, expected, strict=True)), delay=0.05)
+    with FaultServer(default=responder, capacity=5) as server:
+        annotator = make(server, concurrency=32, max_retries=8)
+
+        results = annotator.zero_shot(texts)
+
+    assert [r.label for r in results] == expected and all(r.error is None for r in results)
+    snapshot = annotator.limiter.snapshot()
+    assert server.refused >= 1 and snapshot.decreases >= 1  # it probed above 5 and was told
+    # 32 fixed threads would be refused on 27 of every 32 requests; the limit keeps refusals rare
+    assert server.refused < 0.25 * len(texts)
+
+
+def test_a_single_slot_server_is_not_flooded() -> None:
+    texts, expected = labelled_texts(60)
+    responder = answer_by_text(dict(zip(texts, expected, strict=True)), delay=0.05)
+    with FaultServer(default=responder, slots=1) as server:  # llama.cpp with one slot: the rest only queue
+        annotator = make(server, concurrency=64)
+
+        results = annotator.zero_shot(texts)
+
+    assert [r.label for r in results] == expected
+    assert server.max_in_flight <= 5  # latency grows with every request in flight, throughput does not
+    assert annotator.limiter.snapshot().increases == 0
+
+
+def test_annotators_on_one_endpoint_share_the_cap(fault_server: FaultServer) -> None:
+    texts, expected = labelled_texts(60)
+    fault_server.default = answer_by_text(dict(zip(texts, expected, strict=True)), delay=0.05)
+    first, second = make(fault_server, concurrency=3), make(fault_server, concurrency=3)  # two projects
+    results: dict[str, list] = {}
+    threads = [threading.Thread(target=lambda n=name, a=ann: results.update({n: a.zero_shot(texts)}))
+               for name, ann in (("first", first), ("second", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert first.limiter is second.limiter
+    assert [r.label for r in results["first"]] == [r.label for r in results["second"]] == expected
+    assert fault_server.max_in_flight <= 3
+
+
+def test_a_busy_cache_costs_the_cached_answer_not_the_answer(fault_server: FaultServer, tmp_path: Path) -> None:
+    fault_server.default = label("exchange_rate")
+    annotator = make(fault_server, cache_dir=tmp_path)
+    annotator.cache = ResponseCache(annotator.cache.path, timeout=0.1)  # fail fast instead of after 30 s
+    other_process = sqlite3.connect(annotator.cache.path, isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")  # another worker holds the write lock
+
+    [result] = annotator.zero_shot([TEXTS[2]])
+    other_process.execute("ROLLBACK")
+
+    assert (result.label, result.error) == ("exchange_rate", None)  # answered, only not stored
+    annotator.zero_shot([TEXTS[2]])
+    assert fault_server.request_count == 2  # not stored, so asked again; stored this time
+    assert annotator.zero_shot([TEXTS[2]])[0].cached and fault_server.request_count == 2
 
 
 def test_stats_count_calls_tokens_and_time(fault_server: FaultServer) -> None:

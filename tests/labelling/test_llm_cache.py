@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sqlite3
+import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from backend.labelling.llm_cache import ResponseCache, request_key
 
@@ -107,3 +112,80 @@ def test_request_key_is_stable_across_runs() -> None:
     # A fixed value: a change in how keys are made would silently invalidate every user's cache.
     assert request_key({"b": [1, "é"], "a": None}) == request_key({"a": None, "b": [1, "é"]})
     assert request_key({"a": 1}) == "015abd7f5cc57a2dd94b7590f04ad8084273905ee33ec5cebeae62276a97f862"
+
+
+def test_a_write_waits_for_another_process_lock_then_gives_up_without_raising(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "c.sqlite", timeout=0.1)
+    other = sqlite3.connect(tmp_path / "c.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another worker's write transaction holds the lock
+
+    assert cache.put("k", RESPONSE) is False  # skipped with a warning, not an error
+    assert cache.get("k") is None  # WAL: reading goes on while the other process writes
+    other.execute("ROLLBACK")
+    assert cache.put("k", RESPONSE) is True and cache.get("k") == RESPONSE
+
+
+def test_an_unreadable_value_is_a_miss(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    with sqlite3.connect(tmp_path / "c.sqlite") as conn:
+        conn.execute("INSERT INTO responses (key, value) VALUES ('k', '{\"content\": ')")
+
+    assert cache.get("k") is None  # asked again rather than failing the item
+
+
+def test_writes_do_not_wait_for_the_disk(tmp_path: Path) -> None:
+    # synchronous=NORMAL in WAL mode: the file survives a crash, the last answers may not; FULL made every
+    # answer wait for an fsync (100-130 writes/s here, about the answers/s a served LLM gives: docs/benchmarks.md)
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    cache.put("k", RESPONSE)
+    conn = cache._connect()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def _fork_child(cache: ResponseCache, parent_connection_id: int, queue) -> None:
+    cache.put("child", {"pid": os.getpid()})
+    queue.put(id(cache._connect()) != parent_connection_id)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_forked_worker_opens_its_own_connection(tmp_path: Path) -> None:
+    # gunicorn --preload forks workers after the app was loaded; SQLite forbids using a connection opened
+    # before a fork in the child (its POSIX locks belong to the parent)
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    cache.put("parent", RESPONSE)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_fork_child, args=(cache, id(cache._connect()), queue))
+    child.start()
+    child.join(timeout=60)
+
+    assert child.exitcode == 0 and queue.get(timeout=5) is True
+    assert cache.get("child") == {"pid": child.pid}
+
+
+def _hammer(path: str, worker: int, count: int, start) -> None:
+    start.wait()  # every process opens the fresh file at once
+    cache = ResponseCache(path)
+    for i in range(count):
+        cache.put(f"{worker}-{i}", {"worker": worker, "i": i, "pad": "x" * 500})
+        assert cache.get(f"{worker}-{i}")["i"] == i
+        cache.get(f"{(worker + 1) % 4}-{i}")  # read another worker's keys while it writes
+
+
+def test_worker_processes_share_one_file(tmp_path: Path) -> None:
+    path, workers, count = str(tmp_path / "shared.sqlite"), 4, 50
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, as separate gunicorn workers are
+    start = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_hammer, args=(path, w, count, start)) for w in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+
+    assert [proc.exitcode for proc in procs] == [0] * workers
+    reader = ResponseCache(path)
+    assert all(reader.get(f"{w}-{i}") == {"worker": w, "i": i, "pad": "x" * 500}
+               for w in range(workers) for i in range(count))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

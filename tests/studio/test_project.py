@@ -674,3 +674,13 @@ def test_the_reviews_are_read_from_the_reviewed_tasks_records_only(tmp_path: Pat
     records, labels = project.reviewed_pairs()
     assert [r["text"] for r in records] == ["stored text 1", "stored text 2"] and labels == ["negative", "positive"]
     assert sum(read) == 2  # the two reviewed tasks' records, not the project's 2,000
+
+
+def test_the_llm_concurrency_cap_is_read_and_bad_values_named(monkeypatch) -> None:
+    monkeypatch.delenv("HCC_LLM_CONCURRENCY", raising=False)
+    assert Settings.from_env().llm_concurrency == 64  # a cap: the limit in flight adapts below it
+    monkeypatch.setenv("HCC_LLM_CONCURRENCY", "8")
+    assert Settings.from_env().llm_concurrency == 8
+    monkeypatch.setenv("HCC_LLM_CONCURRENCY", "0")
+    with pytest.raises(ValueError, match="HCC_LLM_CONCURRENCY must be at least 1, got 0"):
+        Settings.from_env()
