@@ -459,10 +459,11 @@ class HCCPipeline:
         for view in self.config.llm_views:
             bar, tick = _ticker(progress, f"{view} ({what})", len(texts))
             if view == "choice":
-                examples = (self._choice_examples(vectors, candidates, own)
-                            if self.config.choice_examples and vectors is not None else None)
+                # Only asked for when on: an annotator without examples support keeps working.
+                extra = ({"examples": self._choice_examples(vectors, candidates, own)}
+                         if self.config.choice_examples and vectors is not None else {})
                 out[view] = self.llm.choose(texts, [[self.labels[c] for c in row if c >= 0] for row in candidates],
-                                            examples=examples, progress=tick)
+                                            progress=tick, **extra)
             elif view == "zero_shot":
                 out[view] = self.llm.zero_shot(texts, progress=tick)
             elif view == "hinted":
