@@ -6,6 +6,9 @@ one seeded sample of ``small.jsonl`` (``--items``; the same items for every row 
 
 * encoder alone (nearest centroid over the anchors, labels without anchors scored by their names) and the
   same without the label names (the cold-start ablation);
+* the encoder with its centroids refined on the unlabelled texts where the anchors vouch for it (the
+  default's transductive step, ``backend/labelling/transductive.py``), no LLM. The refinement reads the
+  texts of all of ``small.jsonl`` (as it reads all of a project's imported tasks), never their labels;
 * LLM zero-shot (draw-independent);
 * the paper's recipe (AS k=3, zero-shot + hinted, 5-NN DCCA vote), on the first ``--paper-draws`` draws;
 * the default: views pooled by the anchors' evidence (``combine="pool"``, the choice view).
@@ -94,6 +97,7 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
     labels = sorted({r["label"] for r in large} | {r["label"] for r in small})
     sample = random.Random(1234).sample(small, min(args.items, len(small))) if args.items else small
     texts, gold = [r["input"] for r in sample], [r["label"] for r in sample]
+    project = encoder.encode([r["input"] for r in small])  # what a team imports: every text, no label
     llm_budgets = {float(b) for b in args.llm_budgets.split(",")} if not args.no_llm else set()
 
     def annotator() -> LLMAnnotator:  # a fresh one per row: its counts are the row's own
@@ -112,8 +116,9 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
     for budget in (float(b) for b in args.budgets.split(",")):
         for draw in range(args.draws):
             anchors = random.Random(draw).sample(large, round(budget * len(large)))
-            rows = {"encoder": (HCCConfig(), False),
-                    "encoder, no label names": (HCCConfig(label_prototypes=False), False)}
+            rows = {"encoder": (HCCConfig(transductive=False), False),
+                    "encoder, no label names": (HCCConfig(label_prototypes=False, transductive=False), False),
+                    "encoder, refined": (HCCConfig(), False)}
             if budget in llm_budgets:
                 rows["default"] = (DEFAULT, True)
                 if draw < args.paper_draws:
@@ -126,6 +131,8 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
                 pipeline = HCCPipeline(encoder, labels, llm=llm, config=config)
                 pipeline.set_anchors([a["input"] for a in anchors], [a["label"] for a in anchors])
                 t0 = time.perf_counter()
+                if config.transductive:
+                    pipeline.refine(project)
                 result = pipeline.annotate(texts)
                 seconds = time.perf_counter() - t0
                 run = {"accuracy": accuracy([r["label"] for r in result.records], gold), "seconds": seconds,
@@ -136,6 +143,8 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
                     run["stages"] = result.report["stages"]
                     if "combination" in result.report:
                         run["combination"] = result.report["combination"]
+                if "transductive" in result.report:
+                    run["transductive"] = result.report["transductive"]
                 runs[key] = run
                 print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} "
                       f"({seconds:.0f} s)", file=sys.stderr)
@@ -170,9 +179,10 @@ def markdown(results: dict) -> str:
             continue
         name, budget, draw, row, _encoder = parts
         cells.setdefault((name, budget), {}).setdefault(row, {})[int(draw)] = run
-    lines = ["| data set | anchors | draws | encoder alone | encoder, no label names | LLM zero-shot | paper recipe "
-             "(draw 0) | **default** | default - encoder (paired) | LLM adopted | LLM questions / item | "
-             "paper, Llama-3-8B: encoder / HCC |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | anchors | draws | encoder alone | encoder, no label names | encoder, refined where the "
+             "anchors vouch | refined on | LLM zero-shot | paper recipe (draw 0) | **default** | default - encoder "
+             "(paired) | LLM adopted | LLM questions / item | paper, Llama-3-8B: encoder / HCC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, budget), rows in sorted(cells.items()):
         acc = {row: [100 * r["accuracy"] for _, r in sorted(draws.items())] for row, draws in rows.items()}
         default = rows.get("default", {})
@@ -180,10 +190,13 @@ def markdown(results: dict) -> str:
                   if d in rows.get("encoder", {})]
         adopted = [bool(r.get("combination", {}).get("llm_adopted")) for r in default.values()]
         questions = [r.get("questions_per_item", 0.0) for r in default.values()]
+        refined = [bool(r.get("transductive", {}).get("adopted")) for r in rows.get("encoder, refined", {}).values()]
         paper = PAPER.get(name)
         lines.append(
             f"| {name} | {float(budget):.0%} | {len(acc.get('encoder', []))} | {_mean_spread(acc.get('encoder', []))} "
             f"| {_mean_spread(acc.get('encoder, no label names', []))} "
+            f"| {_mean_spread(acc.get('encoder, refined', []))} "
+            f"| {f'{sum(refined)} of {len(refined)} draws' if refined else '-'} "
             f"| {f'{zero_shot[name]:.2f}' if name in zero_shot and default else '-'} "
             f"| {_mean_spread(acc.get('paper recipe', []))} | **{_mean_spread(acc.get('default', []))}** "
             f"| {f'{round(statistics.mean(paired), 2) + 0.0:+.2f}' if paired else '-'} "

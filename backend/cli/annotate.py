@@ -110,12 +110,16 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
     pipeline = build_pipeline(label_set, opts, descriptions, encoder_model=trained_model)
     pipeline.set_anchors(picked.texts, picked.labels)
     for label in pipeline.classes_without_anchors():
-        print(f"warning: label {label!r} has no anchors; the encoder can never predict it", file=sys.stderr)
+        fate = ("has no anchors; it is scored by its name until it has some" if opts.hcc.label_prototypes
+                else "has no anchors; the encoder can never predict it")
+        print(f"warning: label {label!r} {fate}", file=sys.stderr)
     texts = [t[: data.MAX_TEXT_CHARS] for t in table.texts()]
     skip = [not t.strip() for t in texts]
     result = pipeline.annotate(texts, skip=skip, progress=opts.progress)
     if opts.progress:
         print(f"prior: {pipeline.prior().message}", file=sys.stderr)
+        if pipeline.refinement() is not None:
+            print(f"transductive: {pipeline.refinement().message}", file=sys.stderr)
     if opts.self_consistency and pipeline.llm is not None:
         _add_self_consistency(result, pipeline.llm, opts)
     problems_by_row: dict[int, list[str]] = {}

@@ -58,6 +58,9 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
                    help="pool: anchors asked to weigh the views, at most")
     g.add_argument("--no-label-names", action="store_true",
                    help="do not score labels without anchors by their embedded names")
+    g.add_argument("--no-transductive", action="store_true",
+                   help="do not refine the class centroids on the unlabelled texts (by default they are, where "
+                        "the anchors show that it helps; centroid classifier only)")
     g.add_argument("--few-shot-examples", type=int, default=HCCConfig.few_shot_examples)
     g.add_argument("--candidates", type=int, default=HCCConfig.candidates,
                    help="restrict the few-shot view to the encoder's top N classes (0: all labels)")
@@ -75,7 +78,8 @@ def _hcc_config(args: argparse.Namespace) -> HCCConfig:
                      few_shot_examples=args.few_shot_examples, candidates=args.candidates,
                      adapt_prior=not args.packaged_prior, combine=args.combine,
                      choice_candidates=args.choice_candidates, llm_gate=args.llm_gate,
-                     anchor_llm_cap=args.anchor_llm_cap, label_prototypes=not args.no_label_names)
+                     anchor_llm_cap=args.anchor_llm_cap, label_prototypes=not args.no_label_names,
+                     transductive=not args.no_transductive)
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:

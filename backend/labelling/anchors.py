@@ -6,7 +6,7 @@ a label list owned by the caller; ``-1`` never enters an index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -165,6 +165,7 @@ def cross_check_anchors(
     folds: int = 20,
     seed: int = 0,
     predicted: np.ndarray | None = None,
+    scorer: Callable[[np.ndarray, np.ndarray], ClassScores] | None = None,
 ) -> CrossCheck:
     """Classify every anchor with :func:`class_scores` over the anchors of the other ``folds`` folds.
 
@@ -173,6 +174,8 @@ def cross_check_anchors(
     construction, a situation a real item of a class with anchors never meets: ``usable`` is False there.
     ``predicted`` (one label per anchor, e.g. another encoder's cross-checked labels) replaces this
     classifier's own label in ``nearest``; the same ``folds`` and ``seed`` give the same partition.
+    ``scorer(held, rest)`` (boolean masks over the anchors) replaces :func:`class_scores` for each fold, e.g.
+    centroids refined on unlabelled items (:mod:`backend.labelling.transductive`).
     """
     anchor_labels = np.asarray(anchor_labels, dtype=np.int64)
     n = len(anchor_labels)
@@ -186,7 +189,8 @@ def cross_check_anchors(
         fold = np.random.default_rng(seed).permutation(n) % min(folds, n)
         for f in np.unique(fold):
             held, rest = fold == f, fold != f
-            scored = class_scores(anchors[held], anchors[rest], anchor_labels[rest], n_classes, k=k, method=method)
+            scored = (scorer(held, rest) if scorer is not None else
+                      class_scores(anchors[held], anchors[rest], anchor_labels[rest], n_classes, k=k, method=method))
             scores[held] = scored.scores
             label = scored.labels if predicted is None else np.asarray(predicted, dtype=np.int64)[held]
             nearest[held] = nearest_of_label(anchors[held], anchors[rest], anchor_labels[rest], label)

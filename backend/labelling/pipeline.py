@@ -45,6 +45,7 @@ from backend.labelling.anchors import (
 )
 from backend.labelling.combination import LogLinearPool, PoolFit, candidate_features, compare_pools, top_candidates
 from backend.labelling.llm import LLMAnswer
+from backend.labelling.transductive import GATE_Z, MIN_ITEMS, Refinement, fit_refinement
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,9 @@ class HCCConfig:
     pool_l2: float = 1.0  # pool: L2 pull of the view weights toward (encoder 1, LLM views 0)
     choice_examples: bool = False  # pool: show each candidate by its anchor nearest to the text
     label_prototypes: bool = True  # a label without anchors is scored by its embedded name (and description)
+    # Centroids refined on the unlabelled items of a large run, where the anchors show that it helps
+    # (backend/labelling/transductive.py); the centroid classifier only.
+    transductive: bool = True
     # The label-free stage of the prior (backend/confidence/prior.py: fit_elicited): off, because over five
     # anchor draws of the four ClusterLLM sets it did not beat the packaged mapping (docs/calibration.md).
     label_free_prior: bool = False
@@ -258,6 +262,7 @@ class HCCPipeline:
         self._check: CrossCheck | None = None
         self._evidence: Evidence | None = None
         self._last_pool: PoolFit | None = None  # kept across anchor changes for re-votes that may not call
+        self._refinement: Refinement | None = None  # fitted on the first large run after the anchors changed
 
     def set_anchors(self, texts: Sequence[str], labels: Sequence[str], *,
                     cross_check: Sequence[bool] | None = None) -> None:
@@ -278,6 +283,7 @@ class HCCPipeline:
         self._prior = None  # refitted on the new anchors when next needed
         self._check = None
         self._evidence = None
+        self._refinement = None
 
     def prior(self) -> PriorMapping:
         """The prior mapping of P(right) from the encoder's signals, rescaled on these anchors when that
@@ -292,11 +298,42 @@ class HCCPipeline:
         return self._prior
 
     def cross_check(self) -> CrossCheck:
-        """Every anchor classified by the anchors of the other folds (computed once per anchor set)."""
+        """Every anchor classified by the anchors of the other folds (computed once per anchor set), by
+        refined centroids when a refinement was adopted."""
+        refinement = self._refinement
+        if refinement is not None and refinement.adopted and refinement.cross_check is not None:
+            return refinement.cross_check
+        return self._plain_check()
+
+    def _plain_check(self) -> CrossCheck:
         if self._check is None:
             self._check = cross_check_anchors(self.anchor_vectors, self.anchor_labels, len(self.labels),
                                               method=self.config.classifier, k=self.config.k)
         return self._check
+
+    # -- centroids refined on the unlabelled items -------------------------------------------------------
+    def refinement(self) -> Refinement | None:
+        """The refinement of the current anchor set (None before a large enough run fitted one)."""
+        return self._refinement
+
+    def refine(self, vectors: np.ndarray, *, z: float = GATE_Z) -> Refinement:
+        """Fit the transductive refinement on these unlabelled items' embeddings (e.g. all of a project's
+        tasks, before annotating a part of them) and keep it for this anchor set; adopted when the anchors'
+        gain exceeds ``z`` standard errors (:mod:`backend.labelling.transductive`). What was learnt from the
+        plain anchors (prior mapping, views' evidence) is then redone."""
+        prototypes = self._prototypes() if self.config.label_prototypes else None
+        refinement = fit_refinement(self.anchor_vectors, self.anchor_labels, len(self.labels), vectors,
+                                    plain=self._plain_check(), complete=self._complete, prototypes=prototypes,
+                                    z=z)
+        log.info("%s", refinement.message)
+        self._refinement = refinement
+        if refinement.adopted:
+            self._prior = None
+            self._evidence = None
+        return refinement
+
+    def _transductive_applies(self) -> bool:
+        return self.config.transductive and self.config.classifier == "centroid" and len(self.anchor_labels) >= 2
 
     def _anchor_prior(self) -> PriorMapping:
         check = self.cross_check()
@@ -360,6 +397,9 @@ class HCCPipeline:
         return with_prototypes(scored, vectors, self._prototypes())
 
     def _class_scores(self, vectors: np.ndarray) -> ClassScores:
+        refinement = self._refinement
+        if refinement is not None and refinement.adopted and self._transductive_applies():
+            return self._complete(refinement.scores(vectors), vectors)
         scored = class_scores(vectors, self.anchor_vectors, self.anchor_labels, len(self.labels),
                               k=self.config.k, method=self.config.classifier)
         return self._complete(scored, vectors)
@@ -567,6 +607,7 @@ class HCCPipeline:
         progress: bool | Callable[[str, int], None] = False,
         answers: dict[str, Sequence] | None = None,
         reference: tuple[np.ndarray, np.ndarray] | None = None,
+        refine: bool | None = None,
     ) -> HCCResult:
         """Label ``texts``; ``skip`` marks items to leave out (stage ``skipped``).
 
@@ -575,7 +616,9 @@ class HCCPipeline:
         is ``(vectors, label indices)`` of items trusted from earlier runs (e.g. consistent items of
         previous batches); they join the DCCA reference set next to the anchors, not the class scores
         (``combine="dcca"`` only). A pooled re-vote with ``answers`` asks nothing: it keeps the views'
-        weights of the last run that could ask (:meth:`evidence`).
+        weights of the last run that could ask (:meth:`evidence`). ``refine``: fit the transductive refinement
+        on this batch (True), never (False), or when it has at least ``MIN_ITEMS`` items and the anchor set
+        has none yet (None, the default; ``HCCConfig.transductive`` must be on either way).
         """
         cfg = self.config
         timings: dict[str, float] = {}
@@ -587,6 +630,11 @@ class HCCPipeline:
         vectors = self.encoder.encode(work)
         timings["encode"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        automatic = refine is None and self._refinement is None and len(vectors) >= MIN_ITEMS
+        if (refine or automatic) and self._transductive_applies() and len(vectors):
+            self.refine(vectors)
+        timings["refine"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         scored = self._class_scores(vectors)
         self._elicit(vectors, scored)
@@ -794,6 +842,8 @@ class HCCPipeline:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
+        if self._refinement is not None and self._transductive_applies():
+            report["transductive"] = self._refinement.as_dict()
         if cfg.combine == "pool":
             answered = n_cons + stages.get("combined", 0)
             if answered:  # CAI over the items both the encoder and the LLM labelled

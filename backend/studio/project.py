@@ -363,12 +363,14 @@ class ProjectModel:
     # -- labelling ---------------------------------------------------------------------------------
     def label(self, tasks: Sequence[dict[str, Any]], *, progress: Callable[[str, int], None] | None = None,
               within: float | None = None, on_late: Callable[[dict[int, dict]], None] | None = None,
-              ) -> tuple[dict[int, dict], dict[int, str]]:
+              refine: bool | None = None) -> tuple[dict[int, dict], dict[int, str]]:
         """Run the whole pipeline on tasks: (task id -> HCC record, task id -> error of a bad task).
 
         ``within`` bounds the time spent waiting for the LLM (``/predict`` must answer before Label Studio
         gives up): past it, the encoder's labels are returned, flagged with the reason, while the full run
-        goes on in the background and hands its records to ``on_late``.
+        goes on in the background and hands its records to ``on_late``. ``refine=True`` (the pre-labelling job
+        over the whole project) refits the centroids' refinement on these tasks; by default a large batch
+        fits one when the anchors have none and a small one reuses it.
         """
         self.refresh_anchors()
         texts, ids, errors = [], [], {}
@@ -388,16 +390,16 @@ class ProjectModel:
             # Do not make every request wait for the LLM's retries (or its silence) again.
             result = self._encoder_only(pipeline, texts, reference, LLMError(problem["error"]), retry=False)
         elif within is None or not self.has_llm:
-            result = self._annotate(pipeline, texts, reference, progress)
+            result = self._annotate(pipeline, texts, reference, progress, refine)
         else:
             result = self._annotate_within(pipeline, ids, texts, reference, within, on_late)
         records = dict(zip(ids, result.records, strict=True))
         self.store.put_items(records)
         return records, errors
 
-    def _annotate(self, pipeline: HCCPipeline, texts: list[str], reference, progress=None):
+    def _annotate(self, pipeline: HCCPipeline, texts: list[str], reference, progress=None, refine=None):
         try:
-            result = pipeline.annotate(texts, progress=progress or False, reference=reference)
+            result = pipeline.annotate(texts, progress=progress or False, reference=reference, refine=refine)
         except LLMError as exc:  # LLM down or refusing: the encoder's labels, flagged, with the reason
             return self._encoder_only(pipeline, texts, reference, exc)
         self._llm_answered()
@@ -434,7 +436,7 @@ class ProjectModel:
             main = self.pipeline
             if main.anchor_vectors is not pipeline.anchor_vectors or main.encoder is not pipeline.encoder:
                 return
-            for name in ("_prior", "_check", "_evidence", "_last_pool"):
+            for name in ("_prior", "_check", "_evidence", "_last_pool", "_refinement"):
                 if getattr(pipeline, name) is not None:
                     setattr(main, name, getattr(pipeline, name))
             pool = main.pool_state()

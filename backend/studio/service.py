@@ -522,7 +522,7 @@ class HCCService:
                  len(unlabelled), len(store.anchors()))
         n_views = len(self.settings.hcc.llm_views) if model.has_llm else 0
         store.update("job", step="labelling", done=0, total=len(unlabelled) * max(n_views, 1))
-        records, errors = model.label(unlabelled, progress=self._progress(store))
+        records, errors = model.label(unlabelled, progress=self._progress(store), refine=True)
         for error in errors.values():
             log.warning("pre-label: %s", error)
         existing = {t["id"]: t for t in tasks}
@@ -534,10 +534,11 @@ class HCCService:
         # CAI over the items both views labelled: every item in a DCCA run, the ones the LLM was asked in a pool
         answered = len(records) if model.settings.hcc.combine == "dcca" else n_cons + stages.get("combined", 0)
         views = (model.pipeline.pool_state() or {}).get("message")
+        refinement = model.pipeline.refinement()
         return {"tasks": len(tasks), "labelled": len(records), "errors": list(errors.values())[:20],
                 "n_errors": len(errors), "anchors": len(store.anchors()), "stages": stages,
                 "cai": round(n_cons / (answered - n_cons + 1e-6), 4) if model.has_llm and answered else None,
-                "views": views,
+                "views": views, "refinement": refinement.message if refinement is not None else None,
                 "needs_review": written["needs_review"], "predictions_written": written["written"],
                 "review_threshold": written["threshold"], "scores": written["scores"]}
 

@@ -17,6 +17,7 @@
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
 | ``HCC_CLASSIFIER`` | ``centroid`` (best before reviews), ``ensemble`` (learns faster), ``topk_mean`` | ``centroid`` |
 | ``HCC_COMBINE`` | ``pool`` (views weighed by the anchors' evidence), ``dcca`` (the paper's DCCA) | ``pool`` |
+| ``HCC_TRANSDUCTIVE`` | refine the class centroids on the project's tasks where the anchors show it helps | ``1`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
 | ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
 | ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
@@ -140,7 +141,8 @@ class Settings:
             predict_seconds=_number("HCC_PREDICT_SECONDS", 60.0, minimum=1.0),
             job_retries=_int("HCC_JOB_RETRIES", 5, minimum=0),
             job_retry_seconds=_number("HCC_JOB_RETRY_SECONDS", 10.0, minimum=0.0),
-            hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool"),
+            hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool",
+                            transductive=_flag("HCC_TRANSDUCTIVE", True)),
         )
 
     @property
@@ -161,13 +163,14 @@ class Settings:
         return self.model_dir / "cache"
 
 
-def _hcc_config(classifier: str, combine: str = "pool") -> HCCConfig:
+def _hcc_config(classifier: str, combine: str = "pool", *, transductive: bool = True) -> HCCConfig:
     combine = combine.strip().lower()
     if combine not in COMBINERS:
         raise ValueError(f"HCC_COMBINE must be one of {', '.join(COMBINERS)}, got {combine!r}")
     # dcca: the paper's two views (zero-shot and hinted) with the ablation's DCCA settings
     views = ("zero_shot", "hinted") if combine == "dcca" else HCCConfig.llm_views
-    config = HCCConfig(classifier=classifier.strip().lower(), combine=combine, llm_views=views)
+    config = HCCConfig(classifier=classifier.strip().lower(), combine=combine, llm_views=views,
+                       transductive=transductive)
     if config.classifier not in CLASSIFIERS:
         raise ValueError(f"HCC_CLASSIFIER must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
     return config

@@ -117,6 +117,8 @@ def test_import_prelabels_every_unlabelled_task(world):
     assert "the pool's P(label is right)" in score["message"] and "cross-checked anchors" in score["message"]
     assert last["anchors"] == world["n_anchors"]
     assert last["labelled"] == world["n_tasks"] and last["views"]  # what the anchors showed of the LLM
+    # The job refined the centroids on the project's tasks, or said why not
+    assert "refined on" in last["refinement"]
     answered = last["stages"].get("consistent", 0) + last["stages"].get("combined", 0)
     assert (last["cai"] is None) == (answered == 0)
 
