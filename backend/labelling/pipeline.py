@@ -326,11 +326,20 @@ class HCCPipeline:
                                     plain=self._plain_check(), complete=self._complete, prototypes=prototypes,
                                     z=z)
         log.info("%s", refinement.message)
+        self.use_refinement(refinement)
+        return refinement
+
+    def use_refinement(self, refinement: Refinement | None) -> None:
+        """Score with ``refinement``, fitted over these very anchors and encoder (by :meth:`refine` here or
+        in a pipeline sharing them, e.g. the LLM-less fallback of a project). What was learnt from the
+        anchors' cross-check (prior mapping, views' evidence) is redone when the cross-check changes."""
+        before = self._refinement
+        if refinement is before:
+            return
         self._refinement = refinement
-        if refinement.adopted:
+        if any(r is not None and r.adopted for r in (before, refinement)):
             self._prior = None
             self._evidence = None
-        return refinement
 
     def _transductive_applies(self) -> bool:
         return self.config.transductive and self.config.classifier == "centroid" and len(self.anchor_labels) >= 2

@@ -363,14 +363,15 @@ class ProjectModel:
     # -- labelling ---------------------------------------------------------------------------------
     def label(self, tasks: Sequence[dict[str, Any]], *, progress: Callable[[str, int], None] | None = None,
               within: float | None = None, on_late: Callable[[dict[int, dict]], None] | None = None,
-              refine: bool | None = None) -> tuple[dict[int, dict], dict[int, str]]:
+              refine: bool = False) -> tuple[dict[int, dict], dict[int, str]]:
         """Run the whole pipeline on tasks: (task id -> HCC record, task id -> error of a bad task).
 
         ``within`` bounds the time spent waiting for the LLM (``/predict`` must answer before Label Studio
         gives up): past it, the encoder's labels are returned, flagged with the reason, while the full run
         goes on in the background and hands its records to ``on_late``. ``refine=True`` (the pre-labelling job
-        over the whole project) refits the centroids' refinement on these tasks; by default a large batch
-        fits one when the anchors have none and a small one reuses it.
+        over the whole project) refits the centroids' refinement on these tasks; otherwise the refinement a
+        job fitted for the current anchors is reused, and none is fitted (seconds of work on a large batch:
+        not on a request's path; the re-vote job that follows an anchor change fits the next one).
         """
         self.refresh_anchors()
         texts, ids, errors = [], [], {}
@@ -388,34 +389,35 @@ class ProjectModel:
         problem = self.llm_problem
         if problem is not None and time.time() - problem["at"] < LLM_RETRY_SECONDS:
             # Do not make every request wait for the LLM's retries (or its silence) again.
-            result = self._encoder_only(pipeline, texts, reference, LLMError(problem["error"]), retry=False)
+            result = self._encoder_only(pipeline, texts, reference, LLMError(problem["error"]), retry=False,
+                                        refine=refine)
         elif within is None or not self.has_llm:
             result = self._annotate(pipeline, texts, reference, progress, refine)
         else:
-            result = self._annotate_within(pipeline, ids, texts, reference, within, on_late)
+            result = self._annotate_within(pipeline, ids, texts, reference, within, on_late, refine)
         records = dict(zip(ids, result.records, strict=True))
         self.store.put_items(records)
         return records, errors
 
-    def _annotate(self, pipeline: HCCPipeline, texts: list[str], reference, progress=None, refine=None):
+    def _annotate(self, pipeline: HCCPipeline, texts: list[str], reference, progress=None, refine: bool = False):
         try:
             result = pipeline.annotate(texts, progress=progress or False, reference=reference, refine=refine)
         except LLMError as exc:  # LLM down or refusing: the encoder's labels, flagged, with the reason
-            return self._encoder_only(pipeline, texts, reference, exc)
+            return self._encoder_only(pipeline, texts, reference, exc, refine=refine)
         self._llm_answered()
         self._absorb(pipeline)
         return result
 
     def _annotate_within(self, pipeline: HCCPipeline, ids: list[int], texts: list[str], reference,
-                         within: float, on_late: Callable[[dict[int, dict]], None] | None):
-        future = self._runner.submit(self._annotate, pipeline, texts, reference)
+                         within: float, on_late: Callable[[dict[int, dict]], None] | None, refine: bool = False):
+        future = self._runner.submit(self._annotate, pipeline, texts, reference, None, refine)
         try:
             return future.result(timeout=within)
         except FutureTimeout:
             pass
         slow = LLMError(f"the LLM did not answer {len(texts)} item(s) within {within:.0f} s; the full labels are "
                         "written when it does")
-        result = self._encoder_only(pipeline, texts, reference, slow)
+        result = self._encoder_only(pipeline, texts, reference, slow, refine=refine)
 
         def finished(done) -> None:
             try:
@@ -444,19 +446,31 @@ class ProjectModel:
             self.store.set("pool", pool)
 
     def _encoder_only(self, pipeline: HCCPipeline, texts: list[str], reference, exc: Exception, *,
-                      retry: bool = True):
+                      retry: bool = True, refine: bool = False):
         """The run without the LLM: every record says why (``llm_unavailable``) and is flagged for review.
-        ``retry``: this failure is new, so the LLM is next asked ``LLM_RETRY_SECONDS`` from now."""
+        ``retry``: this failure is new, so the LLM is next asked ``LLM_RETRY_SECONDS`` from now. The centroids'
+        refinement does not depend on the LLM: the fallback scores with the project's, or fits it
+        (``refine``) and hands it to the project."""
         reason = f"the LLM could not be asked ({exc}); encoder-only label"
         if retry:
             log.warning("project %s: %s", self.project_id, reason)
             self.llm_problem = {"error": str(exc), "at": time.time()}
             self.store.set("llm", {"ok": False, **self.llm_problem})
-        result = self._fallback(pipeline).annotate(texts, reference=reference)
+        fallback = self._fallback(pipeline)
+        fallback.use_refinement(pipeline.refinement())
+        result = fallback.annotate(texts, reference=reference, refine=refine)
+        if refine:
+            self._keep_refinement(fallback)
         for record in result.records:
             if record.get("label") is not None:
                 record["llm_unavailable"] = reason
         return result
+
+    def _keep_refinement(self, fitted: HCCPipeline) -> None:
+        with self._lock:
+            main = self.pipeline
+            if main.anchor_vectors is fitted.anchor_vectors and main.encoder is fitted.encoder:
+                main.use_refinement(fitted.refinement())
 
     def _fallback(self, pipeline: HCCPipeline) -> HCCPipeline:
         """The pipeline without its LLM over the same anchors, built once per anchor set (its cross-check and

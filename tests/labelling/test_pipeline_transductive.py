@@ -63,3 +63,13 @@ def test_an_adopted_refinement_scores_the_items_and_the_anchors_cross_check(enco
     assert [r["label"] for r in result.records] == [LABELS[i] for i in expected]
     frozen = class_scores(vectors, hcc.anchor_vectors, hcc.anchor_labels, len(LABELS), method="centroid")
     assert not np.array_equal(expected, frozen.labels)  # the refinement moved labels, so this test can tell
+
+
+def test_a_refit_that_drops_the_refinement_drops_what_was_learnt_from_it(encoder) -> None:
+    hcc = pipeline(encoder)
+    vectors = encoder.encode(TEXTS)
+    assert hcc.refine(vectors, z=-np.inf).adopted
+    refined_prior = hcc.prior()
+    assert not hcc.refine(vectors, z=np.inf).adopted  # the next pre-labelling job's gate says no
+    assert hcc.cross_check() is hcc._plain_check()
+    assert hcc.prior() is not refined_prior  # refitted on the plain cross-check, not left on the refined one

@@ -19,8 +19,10 @@ import pytest
 
 from backend.confidence.calibration import fit_calibrator
 from backend.data import MAX_TEXT_CHARS
-from backend.labelling.llm import LLMAnswer, LLMStats
+from backend.labelling.anchors import class_scores
+from backend.labelling.llm import LLMAnswer, LLMError, LLMStats
 from backend.labelling.pipeline import HCCConfig
+from backend.labelling.transductive import Refinement
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.project import (
     NOT_FLAGGED,
@@ -684,3 +686,71 @@ def test_the_llm_concurrency_cap_is_read_and_bad_values_named(monkeypatch) -> No
     monkeypatch.setenv("HCC_LLM_CONCURRENCY", "0")
     with pytest.raises(ValueError, match="HCC_LLM_CONCURRENCY must be at least 1, got 0"):
         Settings.from_env()
+
+
+# -- the centroids' refinement: fitted by jobs, reused by requests, shared with the LLM-less fallback ---------
+
+
+def refining_project(tmp_path: Path, llm: Any) -> tuple[ProjectModel, list[dict[str, Any]]]:
+    project = ProjectModel(9, TARGET, Settings(model_dir=tmp_path), CountingEncoder())
+    for i, (text, label) in enumerate(ANCHOR_TEXTS.items(), start=1):
+        project.store.put_anchor(Anchor(annotation_id=100 + i, task_id=i, text=text, label=label))
+    project.pipeline.llm = llm
+    return project, [task(1000 + i, {"body": f"imported text {i}"}) for i in range(60)]
+
+
+def test_a_request_never_fits_the_refinement_and_reuses_the_one_a_job_fitted(tmp_path: Path) -> None:
+    project, batch = refining_project(tmp_path, ScriptedLLM())
+    project.label(batch)  # a /predict of 60 tasks: seconds of fitting on a large project, not on this path
+    assert project.pipeline.refinement() is None
+    project.label(batch, refine=True)  # the pre-labelling job
+    fitted = project.pipeline.refinement()
+    assert fitted is not None and fitted.items == len(batch)
+    project.label(batch)
+    assert project.pipeline.refinement() is fitted
+
+
+class DownLLM(ScriptedLLM):
+    """An LLM that cannot be reached."""
+
+    def zero_shot(self, texts: Sequence[str], *args: Any, **kwargs: Any) -> list[LLMAnswer]:
+        raise LLMError("connection refused")
+
+    hinted = choose = zero_shot
+
+
+def turned_refinement(project: ProjectModel, degrees: float, items: int) -> Refinement:
+    """An adopted refinement whose centroids are the plain ones turned by ``degrees``: labels that follow it
+    differ from the plain ones near the class borders."""
+    pipeline = project.pipeline
+    plain = np.stack([pipeline.anchor_vectors[pipeline.anchor_labels == c].mean(axis=0) for c in range(3)])
+    angle = math.radians(degrees)
+    turned = plain @ np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
+    unit = (turned / np.linalg.norm(turned, axis=1, keepdims=True)).astype(np.float32)
+    return Refinement(True, 0.1, 0.01, len(pipeline.anchor_labels), items, "turned for the test", centroids=unit,
+                      present=np.ones(3, bool), plain_centroids=plain.astype(np.float32))
+
+
+def test_with_the_llm_down_the_labels_use_the_projects_refinement(tmp_path: Path) -> None:
+    project, batch = refining_project(tmp_path, DownLLM())
+    project.refresh_anchors()
+    refinement = turned_refinement(project, 50, len(batch))
+    project.pipeline.use_refinement(refinement)
+    records, _ = project.label(batch)
+
+    assert all("llm_unavailable" in r for r in records.values())
+    assert project._fallback_pipeline.refinement() is refinement  # neither refitted nor dropped
+    vectors = project.pipeline.encoder.encode([t["data"]["body"] for t in batch])
+    refined = [LABELS[i] for i in refinement.scores(vectors).labels]
+    assert [records[t["id"]]["encoder_label"] for t in batch] == refined
+    plain = class_scores(vectors, project.pipeline.anchor_vectors, project.pipeline.anchor_labels, len(LABELS),
+                         method="centroid").labels
+    assert refined != [LABELS[i] for i in plain]  # the refinement moved labels, so this test can tell
+
+
+def test_a_job_run_while_the_llm_is_down_still_fits_the_projects_refinement(tmp_path: Path) -> None:
+    project, batch = refining_project(tmp_path, DownLLM())
+    records, _ = project.label(batch, refine=True)
+    assert all("llm_unavailable" in r for r in records.values())
+    fitted = project.pipeline.refinement()
+    assert fitted is not None and fitted is project._fallback_pipeline.refinement()
