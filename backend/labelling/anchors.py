@@ -24,6 +24,14 @@ class ClassScores:
     labels: np.ndarray  # (n,) argmax class, -1 when no class has anchors
     margins: np.ndarray  # (n,) best minus second-best score (0 when fewer than two classes score)
 
+    @classmethod
+    def of(cls, scores: np.ndarray) -> ClassScores:
+        """Labels and margins of an ``(n, n_classes)`` score matrix (a row where no class scores: -1)."""
+        if not len(scores):  # argmax of no rows is an error
+            return cls(scores=scores, labels=np.zeros(0, np.int64), margins=_margins(scores))
+        labels = np.where(np.isfinite(scores).any(axis=1), scores.argmax(axis=1), -1)
+        return cls(scores=scores, labels=labels.astype(np.int64), margins=_margins(scores))
+
 
 @dataclass
 class Vote:
@@ -82,8 +90,7 @@ def class_scores(
             cent = _centroid_scores(queries, anchors, anchor_labels, present)
         block = topk if method == "topk_mean" else cent if method == "centroid" else (topk + cent) / 2
         scores[:, present] = block
-    labels = np.where(np.isfinite(scores).any(axis=1), scores.argmax(axis=1), -1) if n else np.zeros(0, int)
-    return ClassScores(scores=scores, labels=labels.astype(np.int64), margins=_margins(scores))
+    return ClassScores.of(scores)
 
 
 def with_prototypes(scored: ClassScores, queries: np.ndarray, prototypes: np.ndarray) -> ClassScores:
@@ -96,8 +103,7 @@ def with_prototypes(scored: ClassScores, queries: np.ndarray, prototypes: np.nda
         return scored
     queries = _ensure_2d(queries)
     scores[:, missing] = queries @ _ensure_2d(prototypes)[missing].T
-    labels = scores.argmax(axis=1).astype(np.int64)
-    return ClassScores(scores=scores, labels=labels, margins=_margins(scores))
+    return ClassScores.of(scores)
 
 
 def _topk_mean_scores(queries, anchors, anchor_labels, present, k) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.labelling.anchors import ClassScores, CrossCheck, _margins, cross_check_anchors
+from backend.labelling.anchors import ClassScores, CrossCheck, cross_check_anchors
 
 #: Softmax temperature of the soft assignments, in cosine units: a cosine 0.05 higher is e^2.5 ~ 12x the
 #: weight, sharp enough that an item counts for its nearest classes only. Set once from MiniLM's cosine
@@ -81,6 +81,13 @@ def refine_centroids(anchors: np.ndarray, anchor_labels: np.ndarray, n_classes: 
     return centroids
 
 
+def plain_centroids(anchors: np.ndarray, anchor_labels: np.ndarray, n_classes: int, *,
+                    prototypes: np.ndarray | None = None) -> np.ndarray:
+    """The anchors' own unit centroids (no item read), on the same footing as the refined ones."""
+    return refine_centroids(anchors, anchor_labels, n_classes, np.zeros((0, np.shape(anchors)[1]), np.float32),
+                            prototypes=prototypes)
+
+
 def centroid_scores(queries: np.ndarray, centroids: np.ndarray, present: np.ndarray) -> ClassScores:
     """Cosine of each query to each class centroid; classes not ``present`` score ``-inf`` (the pipeline
     fills them from their prototypes, as it does for the plain centroids)."""
@@ -88,8 +95,7 @@ def centroid_scores(queries: np.ndarray, centroids: np.ndarray, present: np.ndar
     scores = np.full((len(queries), len(centroids)), -np.inf, np.float32)
     if len(queries) and present.any():
         scores[:, present] = queries @ centroids[present].T
-    labels = np.where(np.isfinite(scores).any(axis=1), scores.argmax(axis=1), -1) if len(queries) else np.zeros(0)
-    return ClassScores(scores=scores, labels=labels.astype(np.int64), margins=_margins(scores))
+    return ClassScores.of(scores)
 
 
 def claimed_scores(queries: np.ndarray, refined: np.ndarray, plain: np.ndarray, present: np.ndarray,
@@ -107,8 +113,7 @@ def claimed_scores(queries: np.ndarray, refined: np.ndarray, plain: np.ndarray, 
     new.scores[:, absent] = names
     old.scores[:, absent] = names
     claimed = absent[old.scores.argmax(axis=1)]
-    scores = np.where(claimed[:, None], old.scores, new.scores)
-    return ClassScores(scores=scores, labels=scores.argmax(axis=1).astype(np.int64), margins=_margins(scores))
+    return ClassScores.of(np.where(claimed[:, None], old.scores, new.scores))
 
 
 @dataclass
@@ -157,7 +162,7 @@ def fit_refinement(anchors: np.ndarray, anchor_labels: np.ndarray, n_classes: in
     def refined_scorer(held: np.ndarray, rest: np.ndarray) -> ClassScores:
         pool = np.vstack([items, anchors[held]])
         centroids = refine_centroids(anchors[rest], anchor_labels[rest], n_classes, pool, prototypes=prototypes)
-        start = refine_centroids(anchors[rest], anchor_labels[rest], n_classes, pool[:0], prototypes=prototypes)
+        start = plain_centroids(anchors[rest], anchor_labels[rest], n_classes, prototypes=prototypes)
         present = np.bincount(anchor_labels[rest], minlength=n_classes) > 0
         return claimed_scores(anchors[held], centroids, start, present, prototypes)
 
@@ -177,7 +182,7 @@ def fit_refinement(anchors: np.ndarray, anchor_labels: np.ndarray, n_classes: in
                           f"centroids not refined on the items: {summary}, below {z:g} standard errors")
     present = np.bincount(anchor_labels, minlength=n_classes) > 0
     centroids = refine_centroids(anchors, anchor_labels, n_classes, items, prototypes=prototypes)
-    start = refine_centroids(anchors, anchor_labels, n_classes, items[:0], prototypes=prototypes)
+    start = plain_centroids(anchors, anchor_labels, n_classes, prototypes=prototypes)
     return Refinement(True, gain, se, len(diff), len(items), f"centroids refined on the items: {summary}",
                       centroids=centroids, present=present, cross_check=refined, plain_centroids=start,
                       prototypes=prototypes)
