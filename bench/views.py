@@ -9,6 +9,9 @@ one seeded sample of ``small.jsonl`` (``--items``; the same items for every row 
 * the encoder with its centroids refined on the unlabelled texts where the anchors vouch for it (the
   default's transductive step, ``backend/labelling/transductive.py``), no LLM. The refinement reads the
   texts of all of ``small.jsonl`` (as it reads all of a project's imported tasks), never their labels;
+* the default's encoder before any LLM question: the classifier the anchors choose (centroid, or the
+  centroid + top-k ensemble where it proves better out of fold, ``anchors.choose_classifier``), refined
+  where the anchors vouch for it;
 * LLM zero-shot (draw-independent);
 * the paper's recipe (AS k=3, zero-shot + hinted, 5-NN DCCA vote), on the first ``--paper-draws`` draws;
 * the default: views pooled by the anchors' evidence (``combine="pool"``, the choice view).
@@ -116,9 +119,11 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
     for budget in (float(b) for b in args.budgets.split(",")):
         for draw in range(args.draws):
             anchors = random.Random(draw).sample(large, round(budget * len(large)))
-            rows = {"encoder": (HCCConfig(transductive=False), False),
-                    "encoder, no label names": (HCCConfig(label_prototypes=False, transductive=False), False),
-                    "encoder, refined": (HCCConfig(), False)}
+            rows = {"encoder": (HCCConfig(classifier="centroid", transductive=False), False),
+                    "encoder, no label names": (HCCConfig(classifier="centroid", label_prototypes=False,
+                                                          transductive=False), False),
+                    "encoder, refined": (HCCConfig(classifier="centroid"), False),
+                    "encoder, default": (HCCConfig(), False)}
             if budget in llm_budgets:
                 rows["default"] = (DEFAULT, True)
                 if draw < args.paper_draws:
@@ -145,6 +150,7 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
                         run["combination"] = result.report["combination"]
                 if "transductive" in result.report:
                     run["transductive"] = result.report["transductive"]
+                run["classifier"] = result.report["classifier"]["method"]
                 runs[key] = run
                 print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} "
                       f"({seconds:.0f} s)", file=sys.stderr)
@@ -180,14 +186,18 @@ def markdown(results: dict) -> str:
         name, budget, draw, row, _encoder = parts
         cells.setdefault((name, budget), {}).setdefault(row, {})[int(draw)] = run
     lines = ["| data set | anchors | draws | encoder alone | encoder, no label names | encoder, refined where the "
-             "anchors vouch | refined on | LLM zero-shot | paper recipe (draw 0) | **default** | default - encoder "
-             "(paired) | LLM adopted | LLM questions / item | paper, Llama-3-8B: encoder / HCC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "anchors vouch | refined on | encoder, the default's (classifier chosen, refined) | ensemble chosen "
+             "| LLM zero-shot | paper recipe (draw 0) | **default** | default - encoder (paired) | default - the "
+             "default's encoder (paired) | LLM adopted | LLM questions / item | paper, Llama-3-8B: encoder / HCC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, budget), rows in sorted(cells.items()):
         acc = {row: [100 * r["accuracy"] for _, r in sorted(draws.items())] for row, draws in rows.items()}
         default = rows.get("default", {})
         paired = [100 * (default[d]["accuracy"] - rows["encoder"][d]["accuracy"]) for d in default
                   if d in rows.get("encoder", {})]
+        own = rows.get("encoder, default", {})
+        over_own = [100 * (default[d]["accuracy"] - own[d]["accuracy"]) for d in default if d in own]
+        ensemble = [r.get("classifier") == "ensemble" for r in own.values()]
         adopted = [bool(r.get("combination", {}).get("llm_adopted")) for r in default.values()]
         questions = [r.get("questions_per_item", 0.0) for r in default.values()]
         refined = [bool(r.get("transductive", {}).get("adopted")) for r in rows.get("encoder, refined", {}).values()]
@@ -197,9 +207,12 @@ def markdown(results: dict) -> str:
             f"| {_mean_spread(acc.get('encoder, no label names', []))} "
             f"| {_mean_spread(acc.get('encoder, refined', []))} "
             f"| {f'{sum(refined)} of {len(refined)} draws' if refined else '-'} "
+            f"| {_mean_spread(acc.get('encoder, default', []))} "
+            f"| {f'{sum(ensemble)} of {len(ensemble)} draws' if ensemble else '-'} "
             f"| {f'{zero_shot[name]:.2f}' if name in zero_shot and default else '-'} "
             f"| {_mean_spread(acc.get('paper recipe', []))} | **{_mean_spread(acc.get('default', []))}** "
             f"| {f'{round(statistics.mean(paired), 2) + 0.0:+.2f}' if paired else '-'} "
+            f"| {f'{round(statistics.mean(over_own), 2) + 0.0:+.2f}' if over_own else '-'} "
             f"| {f'{sum(adopted)} of {len(adopted)}' if adopted else '-'} "
             f"| {f'{statistics.mean(questions):.2f}' if questions else '-'} "
             f"| {f'{paper[1]:.2f} / {paper[2]:.2f}' if paper and budget == '0.05' else '-'} |")

@@ -118,6 +118,7 @@ def annotate_files(unlabeled: str | Path, anchors: str | Path, out: str | Path, 
     result = pipeline.annotate(texts, skip=skip, progress=opts.progress)
     if opts.progress:
         print(f"prior: {pipeline.prior().message}", file=sys.stderr)
+        print(pipeline.classifier_choice().message, file=sys.stderr)
         if pipeline.refinement() is not None:
             print(f"transductive: {pipeline.refinement().message}", file=sys.stderr)
     if opts.self_consistency and pipeline.llm is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from backend import __version__
 from backend.cli import comparison as cli_comparison
 from backend.config import DEFAULT_LLM_MODEL, cache_dir
-from backend.labelling.anchors import CLASSIFIERS
+from backend.labelling.anchors import AUTO, CLASSIFIERS
 from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, PRECISIONS
 from backend.labelling.llm import STRUCTURED_MODES
@@ -35,7 +35,9 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
                    help="a second encoder (e.g. all-mpnet-base-v2, after `hcc encoder pull`) whose opinion on each "
                         "label sharpens the confidence score; it does not vote (docs/calibration.md)")
     g.add_argument("--k", type=int, default=HCCConfig.k, help="anchors per class in the class score")
-    g.add_argument("--classifier", default=HCCConfig.classifier, choices=CLASSIFIERS)
+    g.add_argument("--classifier", default=HCCConfig.classifier, choices=(AUTO, *CLASSIFIERS),
+                   help="class-cluster classifier: auto (default) keeps the centroid unless the anchors, each "
+                        "classified out of fold, show the centroid + top-k ensemble better by two standard errors")
     g.add_argument("--vote-k", type=int, default=HCCConfig.vote_k, help="neighbours per DCCA vote")
     g.add_argument("--vote-method", default=HCCConfig.vote_method, choices=VOTE_METHODS,
                    help="DCCA vote: knn (MV-VTES majority) or a class score over anchors + consistent items")

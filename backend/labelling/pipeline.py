@@ -33,10 +33,13 @@ from scipy.special import log_softmax
 from backend.confidence.prior import PriorMapping, fit_elicited, fit_prior, prior_features
 from backend.config import LLM_VIEWS
 from backend.labelling.anchors import (
+    AUTO,
     CLASSIFIERS,
+    ClassifierChoice,
     ClassScores,
     CrossCheck,
     Vote,
+    choose_classifier,
     class_scores,
     cross_check_anchors,
     knn_vote,
@@ -181,7 +184,9 @@ class HCCConfig:
     the Banking77 ablation's winners and apply to ``combine="dcca"`` only."""
 
     k: int = 3  # anchors per class in the class-cluster score AS(e, C_j)
-    classifier: str = "centroid"  # centroid (won on Banking77), topk_mean (the paper's AS) or ensemble
+    # auto: centroid or ensemble, whichever the anchors prove (anchors.choose_classifier); or one of them,
+    # or topk_mean (the paper's AS)
+    classifier: str = AUTO
     vote_k: int = 5  # neighbours in each MV-VTES round
     vote_method: str = "centroid"  # class centroids over anchors + resolved items; knn = the paper's MV-VTES
     rounds: int = 2
@@ -213,8 +218,8 @@ class HCCConfig:
         if self.k < 1 or self.vote_k < 1 or self.rounds < 0:
             raise ValueError("k and vote_k must be >= 1 and rounds >= 0")
         # Fail when the pipeline is built: a bad `unresolved` would otherwise surface after every LLM call.
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"unknown classifier {self.classifier!r}; choose from {', '.join(CLASSIFIERS)}")
+        if self.classifier not in (AUTO, *CLASSIFIERS):
+            raise ValueError(f"unknown classifier {self.classifier!r}; choose from {AUTO}, {', '.join(CLASSIFIERS)}")
         if self.unresolved not in UNRESOLVED_POLICIES:
             raise ValueError(f"unresolved must be one of {', '.join(UNRESOLVED_POLICIES)}")
         if self.vote_method not in VOTE_METHODS:
@@ -263,6 +268,7 @@ class HCCPipeline:
         self._evidence: Evidence | None = None
         self._last_pool: PoolFit | None = None  # kept across anchor changes for re-votes that may not call
         self._refinement: Refinement | None = None  # fitted on the first large run after the anchors changed
+        self._choice: ClassifierChoice | None = None  # classifier="auto": made once per anchor set
 
     def set_anchors(self, texts: Sequence[str], labels: Sequence[str], *,
                     cross_check: Sequence[bool] | None = None) -> None:
@@ -284,6 +290,30 @@ class HCCPipeline:
         self._check = None
         self._evidence = None
         self._refinement = None
+        self._choice = None
+
+    # -- the class-cluster classifier --------------------------------------------------------------------
+    @property
+    def classifier(self) -> str:
+        """The classifier in use: the configured one, or the one the anchors chose (``auto``)."""
+        if self.config.classifier != AUTO:
+            return self.config.classifier
+        return self.classifier_choice().method
+
+    def classifier_choice(self) -> ClassifierChoice:
+        """``auto``'s choice for the current anchors (:func:`~backend.labelling.anchors.choose_classifier`),
+        made once per anchor set; with a configured classifier, that one, unmeasured."""
+        if self.config.classifier != AUTO:
+            return ClassifierChoice(self.config.classifier, {}, 0.0, 0.0, len(self.anchor_labels),
+                                    f"classifier {self.config.classifier} (configured)")
+        if self._choice is None:
+            if len(self.anchor_labels) < 2:
+                return ClassifierChoice("centroid", {}, 0.0, 0.0, len(self.anchor_labels),
+                                        "classifier centroid: too few anchors to choose")
+            self._choice = choose_classifier(self.anchor_vectors, self.anchor_labels, len(self.labels),
+                                             complete=self._complete, k=self.config.k)
+            log.info("%s", self._choice.message)
+        return self._choice
 
     def prior(self) -> PriorMapping:
         """The prior mapping of P(right) from the encoder's signals, rescaled on these anchors when that
@@ -307,8 +337,10 @@ class HCCPipeline:
 
     def _plain_check(self) -> CrossCheck:
         if self._check is None:
-            self._check = cross_check_anchors(self.anchor_vectors, self.anchor_labels, len(self.labels),
-                                              method=self.config.classifier, k=self.config.k)
+            method = self.classifier
+            chosen = self._choice.cross_check if self._choice is not None else None
+            self._check = chosen if chosen is not None else cross_check_anchors(
+                self.anchor_vectors, self.anchor_labels, len(self.labels), method=method, k=self.config.k)
         return self._check
 
     # -- centroids refined on the unlabelled items -------------------------------------------------------
@@ -342,7 +374,7 @@ class HCCPipeline:
             self._evidence = None
 
     def _transductive_applies(self) -> bool:
-        return self.config.transductive and self.config.classifier == "centroid" and len(self.anchor_labels) >= 2
+        return self.config.transductive and len(self.anchor_labels) >= 2 and self.classifier == "centroid"
 
     def _anchor_prior(self) -> PriorMapping:
         check = self.cross_check()
@@ -353,7 +385,7 @@ class HCCPipeline:
         if self.second_encoder is not None:
             # The same folds in the second encoder's space, about the first encoder's held-out label.
             check2 = cross_check_anchors(self.anchor_vectors2, self.anchor_labels, len(self.labels),
-                                         method=self.config.classifier, k=self.config.k,
+                                         method=self.classifier, k=self.config.k,
                                          predicted=np.maximum(check.scores.labels, 0))
             second = encoder_probabilities(check2.scores.scores[rows])[take], check2.nearest[rows]
         features = prior_features(encoder_probabilities(check.scores.scores[rows])[take], check.nearest[rows],
@@ -381,7 +413,7 @@ class HCCPipeline:
         for _ in range(RESAMPLES):
             keep = rng.random(len(self.anchor_labels)) < 0.5
             half = class_scores(vectors, self.anchor_vectors[keep], self.anchor_labels[keep], len(self.labels),
-                                k=self.config.k, method=self.config.classifier)
+                                k=self.config.k, method=self.classifier)
             agree += self._complete(half, vectors).labels == labels
         return agree / RESAMPLES
 
@@ -410,7 +442,7 @@ class HCCPipeline:
         if refinement is not None and refinement.adopted and self._transductive_applies():
             return self._complete(refinement.scores(vectors), vectors)
         scored = class_scores(vectors, self.anchor_vectors, self.anchor_labels, len(self.labels),
-                              k=self.config.k, method=self.config.classifier)
+                              k=self.config.k, method=self.classifier)
         return self._complete(scored, vectors)
 
     # -- the views' evidence (combine="pool") ------------------------------------------------------------
@@ -780,7 +812,7 @@ class HCCPipeline:
         label: a confidence signal only, it takes no part in the consistency split."""
         vectors2 = self.second_encoder.encode(work)
         scored2 = class_scores(vectors2, self.anchor_vectors2, self.anchor_labels, len(self.labels),
-                               k=self.config.k, method=self.config.classifier)
+                               k=self.config.k, method=self.classifier)
         label = np.maximum(final, 0)
         probability = encoder_probabilities(scored2.scores)
         return {"label": scored2.labels,
@@ -851,6 +883,7 @@ class HCCPipeline:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
+        report["classifier"] = self.classifier_choice().as_dict()
         if self._refinement is not None and self._transductive_applies():
             report["transductive"] = self._refinement.as_dict()
         if cfg.combine == "pool":

@@ -28,14 +28,13 @@ encoder's cosine geometry, which is what the rest of the pipeline scores with.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from backend.labelling.anchors import ClassScores, CrossCheck, cross_check_anchors
+from backend.labelling.anchors import ClassScores, CrossCheck, cross_check_anchors, paired_gain
 
 #: Softmax temperature of the soft assignments, in cosine units: a cosine 0.05 higher is e^2.5 ~ 12x the
 #: weight, sharp enough that an item counts for its nearest classes only. Set once from MiniLM's cosine
@@ -171,19 +170,18 @@ def fit_refinement(anchors: np.ndarray, anchor_labels: np.ndarray, n_classes: in
     truth = anchor_labels[rows]
     before = complete(plain.scores, anchors).labels[rows] == truth
     after = complete(refined.scores, anchors).labels[rows] == truth
-    diff = after.astype(np.float64) - before.astype(np.float64)
-    if len(diff) < 2:
-        return Refinement(False, 0.0, 0.0, len(diff), len(items), "too few cross-checked anchors to judge a refinement")
-    gain, se = float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
-    summary = (f"{100 * gain:+.1f} points on {len(diff)} anchors out of fold (standard error {100 * se:.1f}), "
+    if len(rows) < 2:
+        return Refinement(False, 0.0, 0.0, len(rows), len(items), "too few cross-checked anchors to judge a refinement")
+    gain, se = paired_gain(before, after)
+    summary = (f"{100 * gain:+.1f} points on {len(rows)} anchors out of fold (standard error {100 * se:.1f}), "
                f"refined on {len(items)} items")
     if gain <= 0 or gain <= z * se:
-        return Refinement(False, gain, se, len(diff), len(items),
+        return Refinement(False, gain, se, len(rows), len(items),
                           f"centroids not refined on the items: {summary}, below {z:g} standard errors")
     present = np.bincount(anchor_labels, minlength=n_classes) > 0
     centroids = refine_centroids(anchors, anchor_labels, n_classes, items, prototypes=prototypes)
     start = plain_centroids(anchors, anchor_labels, n_classes, prototypes=prototypes)
-    return Refinement(True, gain, se, len(diff), len(items), f"centroids refined on the items: {summary}",
+    return Refinement(True, gain, se, len(rows), len(items), f"centroids refined on the items: {summary}",
                       centroids=centroids, present=present, cross_check=refined, plain_centroids=start,
                       prototypes=prototypes)
 

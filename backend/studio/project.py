@@ -438,7 +438,7 @@ class ProjectModel:
             main = self.pipeline
             if main.anchor_vectors is not pipeline.anchor_vectors or main.encoder is not pipeline.encoder:
                 return
-            for name in ("_prior", "_check", "_evidence", "_last_pool", "_refinement"):
+            for name in ("_prior", "_check", "_evidence", "_last_pool", "_refinement", "_choice"):
                 if getattr(pipeline, name) is not None:
                     setattr(main, name, getattr(pipeline, name))
             pool = main.pool_state()

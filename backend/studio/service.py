@@ -538,7 +538,8 @@ class HCCService:
         return {"tasks": len(tasks), "labelled": len(records), "errors": list(errors.values())[:20],
                 "n_errors": len(errors), "anchors": len(store.anchors()), "stages": stages,
                 "cai": round(n_cons / (answered - n_cons + 1e-6), 4) if model.has_llm and answered else None,
-                "views": views, "refinement": refinement.message if refinement is not None else None,
+                "views": views, "classifier": model.pipeline.classifier_choice().message,
+                "refinement": refinement.message if refinement is not None else None,
                 "needs_review": written["needs_review"], "predictions_written": written["written"],
                 "review_threshold": written["threshold"], "scores": written["scores"]}
 

@@ -15,7 +15,7 @@
 | ``HCC_ENCODER`` | sentence-transformers directory or name | the packaged all-MiniLM-L6-v2 |
 | ``HCC_SECOND_ENCODER`` | a second encoder whose opinion sharpens the score (e.g. ``all-mpnet-base-v2``) | none |
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
-| ``HCC_CLASSIFIER`` | ``centroid`` (best before reviews), ``ensemble`` (learns faster), ``topk_mean`` | ``centroid`` |
+| ``HCC_CLASSIFIER`` | ``auto`` (the one the anchors prove), ``centroid``, ``ensemble``, ``topk_mean`` | ``auto`` |
 | ``HCC_COMBINE`` | ``pool`` (views weighed by the anchors' evidence), ``dcca`` (the paper's DCCA) | ``pool`` |
 | ``HCC_TRANSDUCTIVE`` | refine the class centroids on the project's tasks where the anchors show it helps | ``1`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backend import __version__
-from backend.labelling.anchors import CLASSIFIERS
+from backend.labelling.anchors import AUTO, CLASSIFIERS
 from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
 from backend.labelling.pipeline import COMBINERS, HCCConfig
@@ -171,6 +171,6 @@ def _hcc_config(classifier: str, combine: str = "pool", *, transductive: bool = 
     views = ("zero_shot", "hinted") if combine == "dcca" else HCCConfig.llm_views
     config = HCCConfig(classifier=classifier.strip().lower(), combine=combine, llm_views=views,
                        transductive=transductive)
-    if config.classifier not in CLASSIFIERS:
-        raise ValueError(f"HCC_CLASSIFIER must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if config.classifier not in (AUTO, *CLASSIFIERS):
+        raise ValueError(f"HCC_CLASSIFIER must be one of {AUTO}, {', '.join(CLASSIFIERS)}, got {classifier!r}")
     return config

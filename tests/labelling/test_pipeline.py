@@ -395,7 +395,7 @@ def test_unknown_vote_method_is_refused() -> None:
 def test_defaults_pool_the_choice_view_and_keep_the_ablation_winner_for_dcca() -> None:
     cfg = HCCConfig()
     assert (cfg.combine, cfg.llm_views) == ("pool", ("choice",))
-    assert (cfg.classifier, cfg.vote_method, cfg.unresolved, cfg.rounds) == ("centroid", "centroid", "encoder", 2)
+    assert (cfg.classifier, cfg.vote_method, cfg.unresolved, cfg.rounds) == ("auto", "centroid", "encoder", 2)
 
 
 # -- the prior mapping of a run ----------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def test_import_prelabels_every_unlabelled_task(world):
     assert last["labelled"] == world["n_tasks"] and last["views"]  # what the anchors showed of the LLM
     # The job refined the centroids on the project's tasks, or said why not
     assert "refined on" in last["refinement"]
+    assert last["classifier"].startswith("classifier ")  # which classifier the anchors chose, and why
     answered = last["stages"].get("consistent", 0) + last["stages"].get("combined", 0)
     assert (last["cai"] is None) == (answered == 0)
 

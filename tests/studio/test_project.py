@@ -754,3 +754,12 @@ def test_a_job_run_while_the_llm_is_down_still_fits_the_projects_refinement(tmp_
     assert all("llm_unavailable" in r for r in records.values())
     fitted = project.pipeline.refinement()
     assert fitted is not None and fitted is project._fallback_pipeline.refinement()
+
+
+def test_the_classifier_is_chosen_once_per_anchor_set_not_on_every_request(tmp_path: Path) -> None:
+    project, batch = refining_project(tmp_path, ScriptedLLM())
+    project.label(batch[:3])
+    chosen = project.pipeline._choice  # made on the request's copy of the pipeline, kept by the project
+    assert chosen is not None and chosen.method in ("centroid", "ensemble")
+    project.label(batch[3:6])
+    assert project.pipeline._choice is chosen
