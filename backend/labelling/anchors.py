@@ -17,8 +17,8 @@ CLASSIFIERS = ("topk_mean", "centroid", "ensemble")
 #: The classifier chosen per anchor set by :func:`choose_classifier`.
 AUTO = "auto"
 #: What ``auto`` chooses among, the first being kept unless another proves better. ``topk_mean`` alone is
-#: not a candidate: near-duplicate anchors flatter it out of fold (Banking77 10%: +3.4 points on the anchors,
-#: -1.4 on the test split), while the ensemble, half centroid, held up on the test splits.
+#: not a candidate: near-duplicate anchors flatter it out of fold (Banking77 10%, five draws: +0.7 to +3.4
+#: points on the anchors, -1.4 on the test split's mean), while the ensemble, half centroid, held up there.
 AUTO_CANDIDATES = ("centroid", "ensemble")
 #: Standard errors of the anchors' paired gain that choosing another classifier than the first needs.
 CHOICE_Z = 2.0
