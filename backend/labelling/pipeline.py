@@ -315,6 +315,18 @@ class HCCPipeline:
             log.info("%s", self._choice.message)
         return self._choice
 
+    @property
+    def choice_made(self) -> ClassifierChoice | None:
+        """``auto``'s choice if it was made for the current anchors, else None (nothing is computed)."""
+        return self._choice
+
+    def use_classifier_choice(self, choice: ClassifierChoice | None) -> None:
+        """Classify by ``choice``, made by :meth:`classifier_choice` over these very anchors and encoder (e.g.
+        by the pipeline this one stands in for while its LLM is down), instead of making it again. Ignored once
+        this pipeline made its own: what it derived from that choice stays consistent."""
+        if self._choice is None and choice is not None:
+            self._choice = choice
+
     def prior(self) -> PriorMapping:
         """The prior mapping of P(right) from the encoder's signals, rescaled on these anchors when that
         fits them better than the packaged one (see :mod:`backend.confidence.prior`); computed once per anchor set."""

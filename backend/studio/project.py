@@ -457,20 +457,24 @@ class ProjectModel:
             self.llm_problem = {"error": str(exc), "at": time.time()}
             self.store.set("llm", {"ok": False, **self.llm_problem})
         fallback = self._fallback(pipeline)
+        fallback.use_classifier_choice(pipeline.choice_made)
         fallback.use_refinement(pipeline.refinement())
         result = fallback.annotate(texts, reference=reference, refine=refine)
-        if refine:
-            self._keep_refinement(fallback)
+        self._keep_fitted(fallback, refinement=refine)
         for record in result.records:
             if record.get("label") is not None:
                 record["llm_unavailable"] = reason
         return result
 
-    def _keep_refinement(self, fitted: HCCPipeline) -> None:
+    def _keep_fitted(self, fitted: HCCPipeline, *, refinement: bool) -> None:
+        """Hand what the LLM-less fallback made once per anchor set back to the project: its classifier
+        choice, and its refinement when it fitted one (``refinement``)."""
         with self._lock:
             main = self.pipeline
             if main.anchor_vectors is fitted.anchor_vectors and main.encoder is fitted.encoder:
-                main.use_refinement(fitted.refinement())
+                main.use_classifier_choice(fitted.choice_made)
+                if refinement:
+                    main.use_refinement(fitted.refinement())
 
     def _fallback(self, pipeline: HCCPipeline) -> HCCPipeline:
         """The pipeline without its LLM over the same anchors, built once per anchor set (its cross-check and

@@ -763,3 +763,37 @@ def test_the_classifier_is_chosen_once_per_anchor_set_not_on_every_request(tmp_p
     assert chosen is not None and chosen.method in ("centroid", "ensemble")
     project.label(batch[3:6])
     assert project.pipeline._choice is chosen
+
+
+def counted_choices(monkeypatch) -> list[int]:
+    """Count the classifier choices the pipelines make from now on."""
+    import backend.labelling.pipeline as pipeline_module
+
+    made: list[int] = []
+    real = pipeline_module.choose_classifier
+
+    def counting(*args: Any, **kwargs: Any):
+        made.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pipeline_module, "choose_classifier", counting)
+    return made
+
+
+def test_with_the_llm_down_the_labels_use_the_projects_classifier_choice(tmp_path: Path, monkeypatch) -> None:
+    project, batch = refining_project(tmp_path, DownLLM())
+    project.refresh_anchors()
+    chosen = project.pipeline.classifier_choice()
+    made = counted_choices(monkeypatch)
+    records, _ = project.label(batch[:5])
+    assert all("llm_unavailable" in r for r in records.values())
+    assert made == [] and project._fallback_pipeline.choice_made is chosen
+
+
+def test_a_choice_made_while_the_llm_is_down_is_kept_by_the_project(tmp_path: Path, monkeypatch) -> None:
+    project, batch = refining_project(tmp_path, DownLLM())
+    made = counted_choices(monkeypatch)
+    project.label(batch[:5])
+    assert len(made) == 1 and project.pipeline.choice_made is project._fallback_pipeline.choice_made
+    project.pipeline.llm = ScriptedLLM()  # the LLM answers again: the same anchors, no new choice
+    project.label(batch[5:10])
+    assert len(made) == 1
