@@ -373,6 +373,13 @@ class HCCPipeline:
         self.use_refinement(refinement)
         return refinement
 
+    def refine_on(self, texts: Sequence[str]) -> Refinement | None:
+        """:meth:`refine` on these unlabelled texts (e.g. a sample of a project's tasks, before labelling all
+        of them chunk by chunk with that one refinement) where the configuration refines at all; else None."""
+        if not self._transductive_applies() or not len(texts):
+            return None
+        return self.refine(self.encoder.encode(list(texts)))
+
     def use_refinement(self, refinement: Refinement | None) -> None:
         """Score with ``refinement``, fitted over these very anchors and encoder (by :meth:`refine` here or
         in a pipeline sharing them, e.g. the LLM-less fallback of a project). What was learnt from the

@@ -7,6 +7,7 @@ records. Secrets (the API key) are never logged or put into error messages.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 REVIEW_TAB_TITLE = "Needs review"
 PAGE_SIZE = 500
 WRITE_BATCH = 500
+# Task ids per filtered listing: they travel in the query string, which proxies cap at 4-8 KB.
+IDS_PER_QUERY = 300
 # One bulk import of a batch, then up to this many read-back-and-import rounds for a batch whose answer was lost.
 IMPORT_RETRIES = 3
 # The bulk import is not idempotent, so the SDK must not repeat it blind (see ``import_predictions``).
@@ -96,15 +99,25 @@ class StudioClient:
         p = self._call(f"read project {project_id}", self._sdk.projects.get, id=project_id)
         return {"id": p.id, "title": p.title, "label_config": p.label_config, "model_version": p.model_version or ""}
 
-    def tasks(self, project_id: int) -> Iterator[TaskRecord]:
-        """Every task of the project with its annotations and predictions."""
-        pager = self._call(f"list the tasks of project {project_id}", self._sdk.tasks.list,
-                           project=project_id, fields="all", page_size=PAGE_SIZE)
+    def tasks(self, project_id: int, ids: Collection[int] | None = None) -> Iterator[TaskRecord]:
+        """Every task of the project (or only those of ``ids``) with its annotations and predictions."""
+        if ids is None:
+            yield from self._listed(project_id, None)
+            return
+        ordered = sorted(set(ids))
+        for start in range(0, len(ordered), IDS_PER_QUERY):
+            selected = {"selectedItems": {"all": False, "included": ordered[start:start + IDS_PER_QUERY]}}
+            yield from self._listed(project_id, json.dumps(selected))
+
+    def _listed(self, project_id: int, query: str | None) -> Iterator[TaskRecord]:
+        what = f"list the tasks of project {project_id}"
+        pager = self._call(what, self._sdk.tasks.list, project=project_id, fields="all", page_size=PAGE_SIZE,
+                           query=query)
         try:
             for task in pager:
                 yield _task_record(task.model_dump())
         except Exception as exc:
-            raise _explain(exc, self.url, f"list the tasks of project {project_id}") from exc
+            raise _explain(exc, self.url, what) from exc
 
     # -- writes ------------------------------------------------------------------------------------
     def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> None:
@@ -176,8 +189,11 @@ class StudioClient:
         versions = dict(zip(task_ids, self._parallel(stored, task_ids), strict=True))
         return [p for p in batch if (p.get("model_version") or "") not in versions[int(p["task"])]]
 
-    def prediction_ids(self, project_id: int, model_version: str, *, keep: Collection[int] = ()) -> dict[int, int]:
-        """task id -> id of its prediction with this model version; surplus predictions of that version are deleted.
+    def prediction_ids(self, project_id: int, model_version: str, *, keep: Collection[int] = (),
+                       tasks: Collection[int] | None = None) -> dict[int, int]:
+        """task id -> id of its prediction with this model version, over the project's tasks or those of
+        ``tasks`` (a chunk just written: its read-back then costs the chunk, not the project); surplus
+        predictions of that version are deleted.
 
         A task should have one prediction per model version; more come from a bulk import whose lost answer was
         retried (by an older backend, or by ours after a timeout while Label Studio was still committing). Since
@@ -186,7 +202,7 @@ class StudioClient:
         """
         ids: dict[int, int] = {}
         surplus: list[int] = []
-        for task in self.tasks(project_id):
+        for task in self.tasks(project_id, tasks):
             mine = sorted(int(p["id"]) for p in task.predictions if p.get("model_version") == model_version)
             if mine:
                 kept = max((i for i in mine if i in keep), default=mine[-1])

@@ -26,6 +26,7 @@ from backend.labelling.encoder import Encoder
 from backend.labelling.llm import LLMAnnotator, LLMError
 from backend.labelling.pipeline import HCCPipeline, stored_answers
 from backend.labelling.training import TrainingResult
+from backend.labelling.transductive import Refinement
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
@@ -399,6 +400,23 @@ class ProjectModel:
         self.store.put_items(records)
         return records, errors
 
+    def refine_on(self, tasks: list[dict[str, Any]]) -> Refinement | None:
+        """Fit the centroids' refinement of the current anchors on these tasks (a job's sample of the project,
+        unlabelled) and keep it; the labels then come chunk by chunk with ``label(refine=False)``."""
+        self.refresh_anchors()
+        texts = []
+        for task in tasks:
+            try:
+                texts.append(task_text(task, self.target))
+            except TaskDataError:
+                continue  # reported when that task is labelled
+        with self._lock:
+            pipeline = copy.copy(self.pipeline)
+        refinement = pipeline.refine_on(texts)
+        if refinement is not None:
+            self._keep_fitted(pipeline, refinement=True)
+        return refinement
+
     def _annotate(self, pipeline: HCCPipeline, texts: list[str], reference, progress=None, refine: bool = False):
         try:
             result = pipeline.annotate(texts, progress=progress or False, reference=reference, refine=refine)
@@ -575,8 +593,9 @@ class ProjectModel:
         return (f"until calibrated, the score is the pool's P(label is right): the encoder's temperature fitted on "
                 f"{evidence.anchors} cross-checked anchors{llm}")
 
-    def scores(self, records: dict[int, dict[str, Any]]) -> Scores:
-        """Scores and the flag threshold over the project's unlabelled records (a pre-label or re-vote run).
+    def scores(self, records: dict[int, dict[str, Any]], *, earlier: Sequence[float] = ()) -> Scores:
+        """Scores and the flag threshold over the project's unlabelled records (a pre-label or re-vote run;
+        ``earlier``: the scores of the chunks this run already wrote, which set the threshold with these).
 
         Once enough reviews exist: P(label is right) from the calibrator, flagged below the threshold at
         which the unflagged items reach ``HCC_TARGET_PRECISION``. Before that: the records' own P(label is
@@ -587,8 +606,9 @@ class ProjectModel:
         if not calibrated:
             threshold = self.settings.review_threshold
         else:
-            threshold = round(threshold_for_precision(np.array(list(values.values())),
-                                                      self.settings.target_precision) if values else 1.0, 4)
+            pooled = np.concatenate([np.asarray(earlier, float), np.fromiter(values.values(), float)])
+            threshold = round(threshold_for_precision(pooled, self.settings.target_precision)
+                              if len(pooled) else 1.0, 4)
         kind = "probability" if calibrated or self.settings.calibration else "agreement"
         self.store.set("calibration", {"kind": kind, "message": message, "threshold": threshold,
                                        "calibrated": calibrated, "target_precision": self.settings.target_precision})

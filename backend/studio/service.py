@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
@@ -29,6 +31,7 @@ from backend.labelling.training import TrainingError, train_encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import MAX_RESUMES, JobQueue, ProcessLease, orphaned, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
+from backend.studio.prelabel import FIRST_CHUNK, REFINE_SAMPLE, ChunkProgress, PendingMeta, PrelabelRun, chunks
 from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text, versioned
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
@@ -42,6 +45,8 @@ PREDICT_MARGIN_SECONDS = 5.0  # of /predict's time kept for the encoder-only ans
 LATE_WRITE_DELAY_SECONDS = 5.0  # Label Studio stores a /predict answer's predictions within this
 # The task meta keys a classification project's predictions own (Prediction.meta); others' keys are kept.
 TASK_META_KEYS = ("needs_review", "hcc_stage", "hcc_labels")
+# A prediction written before the meta policy existed: its task got our meta whatever its flag.
+LEGACY_META = "written"
 
 
 def pairwise_target(label_config: str) -> PairwiseTarget | None:
@@ -509,7 +514,12 @@ class HCCService:
         return tick
 
     def prelabel(self, model: ProjectModel) -> dict[str, Any]:
-        """The whole pipeline over the project's unlabelled tasks (both DCCA rounds), written to Label Studio."""
+        """The whole pipeline over the project's unlabelled tasks, written to Label Studio chunk by chunk.
+
+        The tasks go in a seeded random order, so that every chunk is a sample of the project: the first
+        predictions appear after the first small chunk, and the flag threshold set on the chunks so far holds
+        for the rest. The centroids' refinement is fitted once, on a sample, before the first chunk: every
+        chunk is labelled by the same model."""
         client, store = self.client(), model.store
         store.update("job", step="reading tasks")
         listed_at = time.time()
@@ -518,30 +528,40 @@ class HCCService:
         store.replace_anchors(model.anchors_from_tasks(tasks), listed_at=listed_at)
         store.set("anchors_synced", time.time())
         unlabelled = [t for t in tasks if not t["annotations"]]
+        random.Random(model.project_id).shuffle(unlabelled)
         log.info("project %s: %d tasks, %d unlabelled, %d anchors", model.project_id, len(tasks),
                  len(unlabelled), len(store.anchors()))
-        n_views = len(self.settings.hcc.llm_views) if model.has_llm else 0
-        store.update("job", step="labelling", done=0, total=len(unlabelled) * max(n_views, 1))
-        records, errors = model.label(unlabelled, progress=self._progress(store), refine=True)
-        for error in errors.values():
-            log.warning("pre-label: %s", error)
+        progress = ChunkProgress(store, total=len(unlabelled))
+        if unlabelled:
+            store.update("job", step=f"refining the class centroids on {min(len(unlabelled), REFINE_SAMPLE)} tasks")
+            model.refine_on(unlabelled[:REFINE_SAMPLE])
         existing = {t["id"]: t for t in tasks}
-        written = self._write(model, client, records, existing)
-        stages: dict[str, int] = {}
-        for rec in records.values():
-            stages[rec["stage"]] = stages.get(rec["stage"], 0) + 1
-        n_cons = stages.get("consistent", 0)
+        run, llm_progress, meta = PrelabelRun(), self._progress(store), PendingMeta()
+        for chunk in chunks(unlabelled, first=FIRST_CHUNK, largest=self.settings.prelabel_chunk):
+            progress.step(f"labelling {len(chunk)} tasks")
+            records, errors = model.label(chunk, progress=llm_progress, refine=False)
+            for error in errors.values():
+                log.warning("pre-label: %s", error)
+            progress.step(f"writing {len(records)} predictions")
+            written = self._write(model, client, records, existing, earlier=run.scores,
+                                  on_predictions=lambda n: progress.predicted(run.written + n), meta_later=meta)
+            run.add(records, errors, written)
+            progress.advance(len(chunk), predicted=run.written)
+        # Every prediction and the review tab first: the meta is one PATCH per task, Label Studio's slowest write.
+        self._write_meta(store, client, meta)
+        n_cons = run.stages.get("consistent", 0)
         # CAI over the items both views labelled: every item in a DCCA run, the ones the LLM was asked in a pool
-        answered = len(records) if model.settings.hcc.combine == "dcca" else n_cons + stages.get("combined", 0)
+        answered = run.labelled if model.settings.hcc.combine == "dcca" else n_cons + run.stages.get("combined", 0)
         views = (model.pipeline.pool_state() or {}).get("message")
         refinement = model.pipeline.refinement()
-        return {"tasks": len(tasks), "labelled": len(records), "errors": list(errors.values())[:20],
-                "n_errors": len(errors), "anchors": len(store.anchors()), "stages": stages,
+        last = run.last_write
+        return {"tasks": len(tasks), "labelled": run.labelled, "errors": run.errors[:20],
+                "n_errors": run.n_errors, "anchors": len(store.anchors()), "stages": run.stages,
                 "cai": round(n_cons / (answered - n_cons + 1e-6), 4) if model.has_llm and answered else None,
                 "views": views, "classifier": model.pipeline.classifier_choice().message,
                 "refinement": refinement.message if refinement is not None else None,
-                "needs_review": written["needs_review"], "predictions_written": written["written"],
-                "review_threshold": written["threshold"], "scores": written["scores"]}
+                "needs_review": run.needs_review, "predictions_written": run.written, "chunks": run.chunks,
+                "review_threshold": last.get("threshold"), "scores": last.get("scores")}
 
     def revote(self, model: ProjectModel) -> dict[str, Any]:
         """Re-vote the stored items after the anchors changed; label tasks that just lost their anchor."""
@@ -564,17 +584,23 @@ class HCCService:
             done[0] += n
             if time.time() - last[0] > 1.0:  # a status write per second, not per call
                 last[0] = time.time()
-                store.update("job", step=f"LLM {view}", done=done[0])
+                store.update("job", llm_calls=done[0], llm_step=f"LLM {view}")
         return tick
 
     def _write(self, model: ProjectModel, client: StudioClient, records: dict[int, dict],
-               tasks: dict[int, dict] | None) -> dict[str, int]:
-        """Create or update predictions whose content changed, switch model_version, meta, review tab."""
+               tasks: dict[int, dict] | None, *, earlier: list[float] | None = None,
+               on_predictions: Callable[[int], None] | None = None,
+               meta_later: PendingMeta | None = None) -> dict[str, Any]:
+        """Create or update predictions whose content changed, switch model_version, meta, review tab.
+        ``earlier``: the scores of the chunks this run wrote before (they join the flag threshold);
+        ``on_predictions``: told how many predictions were written, once they are, before the task meta;
+        ``meta_later``: collects the task meta instead of writing it (a pre-label writes every chunk's
+        predictions first, then the meta, the slow part)."""
         store, version = model.store, model.model_version
-        known = store.written()
-        new, updates, metas, marks, stale = [], {}, {}, {}, []
+        known = store.written(list(records))
+        new, updates, metas, marks, stale, had = [], {}, {}, {}, [], {}
         needs_review = 0
-        scores = model.scores(records)
+        scores = model.scores(records, earlier=earlier or ())
         for task_id, record in records.items():
             if record.get("label") is None:
                 continue
@@ -582,7 +608,10 @@ class HCCService:
                                     calibrated=scores.calibrated)
             needs_review += pred.needs_review
             pid, before = known.get(task_id, (None, None))
-            written = {**pred.written(), "model_version": version}
+            # The task's meta is the task's, not the prediction's: what ours holds survives a version change.
+            had[task_id] = had_meta = before.get("meta", LEGACY_META) if before is not None else None
+            meta = pred.needs_review if task_meta_wanted(self.settings.task_meta, pred.needs_review) else None
+            written = {**pred.written(), "model_version": version, "meta": meta}
             if before is not None and before.get("model_version", self.settings.model_version) != version:
                 if pid is not None:  # another model's prediction: replaced by a new one, deleted once it exists
                     stale.append(pid)
@@ -590,35 +619,67 @@ class HCCService:
             if pid is None:  # e.g. Label Studio stored it from a /predict answer
                 pid = _our_prediction(tasks.get(task_id), version) if tasks is not None else \
                     client.prediction_id(task_id, version)
-            if before == written and pid is not None:
-                continue
-            if pid is None:
-                new.append({"task": task_id, "result": pred.result, "score": pred.score, "model_version": version})
-            else:
-                updates[pid] = {"result": pred.result, "score": pred.score}
-            metas[task_id] = pred.meta(record)
-            marks[task_id] = (pid, written)
-        store.update("job", step="writing predictions", done=0, total=len(new) + len(updates))
+            same = before is not None and _prediction_part(before) == _prediction_part(written) and pid is not None
+            if not same:
+                if pid is None:
+                    new.append({"task": task_id, "result": pred.result, "score": pred.score,
+                                "model_version": version})
+                else:
+                    updates[pid] = {"result": pred.result, "score": pred.score}
+            if meta is not None and (not same or meta != had_meta):
+                metas[task_id] = pred.meta(record)
+            elif meta is None and had_meta is not None:
+                metas[task_id] = {}  # our keys leave the task: the merge drops the owned keys it is not given
+            if not same or meta != had_meta:
+                marks[task_id] = (pid, written)
         client.import_predictions(model.project_id, new)
         client.update_predictions(updates)
-        if new:  # the bulk import does not return ids: read them back once (which also deletes duplicates)
+        if new:  # the bulk import does not return ids: read back those of these records' tasks, which also
+            # deletes their duplicates; a chunk reads its own tasks, not the project's
             tracked = {pid for pid, _ in known.values() if pid is not None} | set(updates)
-            ids = client.prediction_ids(model.project_id, version, keep=tracked)
+            ids = client.prediction_ids(model.project_id, version, keep=tracked, tasks=list(records))
             marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in marks.items()}
-        store.mark_written(marks)
+        pending = PendingMeta(metas, {t: marks[t] for t in metas})
+        # A task's meta state is marked once its meta is written: a job stopped before that writes it again.
+        store.mark_written({t: (pid, {**w, "meta": had[t]}) if t in metas else (pid, w)
+                            for t, (pid, w) in marks.items()})
         # Only now: Label Studio refuses a model_version no prediction carries yet.
         if new or updates:
             client.set_model_version(model.project_id, version)
             client.ensure_review_tab(model.project_id, threshold=scores.threshold)
+        if on_predictions is not None:
+            on_predictions(len(new) + len(updates))
         if stale:  # only now that their replacements are written and shown
-            store.update("job", step="deleting the previous model's predictions", done=0, total=len(stale))
+            store.update("job", step=f"deleting {len(stale)} predictions of the previous model")
             client.delete_predictions(stale)
-        store.update("job", step="writing task meta", done=0, total=len(metas))
+        if meta_later is not None:
+            meta_later.add(pending)
+        else:
+            self._write_meta(store, client, pending)
+        return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,
+                "scores": scores.message, "values": list(scores.values.values())}
+
+
+    @staticmethod
+    def _write_meta(store: ProjectStore, client: StudioClient, pending: PendingMeta) -> None:
+        if not pending.metas:
+            return
+        store.update("job", step=f"writing the meta of {len(pending.metas)} tasks")
         # Merged into each task's meta as it is right before its write, not the listing's (minutes old in a
         # pre-label): Label Studio's PATCH replaces meta whole, and a key someone set since must not be lost.
-        client.update_meta(metas, merge=True, owned=TASK_META_KEYS)
-        return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,
-                "scores": scores.message}
+        client.update_meta(pending.metas, merge=True, owned=TASK_META_KEYS)
+        store.mark_written(pending.marks)
+
+
+def task_meta_wanted(policy: str, needs_review: bool) -> bool:
+    """Whether a task gets our meta keys under ``HCC_TASK_META``: every task (``all``), the flagged ones
+    (``flagged``: the tasks a reviewer opens; one PATCH per task is the only write Label Studio offers), none
+    (``off``)."""
+    return policy == "all" or (policy == "flagged" and needs_review)
+
+
+def _prediction_part(written: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in written.items() if k != "meta"}
 
 
 def _as_dict(task: TaskRecord) -> dict[str, Any]:

@@ -23,6 +23,8 @@
 | ``HCC_TARGET_PRECISION`` | precision the unflagged items must have (sets the flag threshold) | ``0.95`` |
 | ``HCC_REVIEW_THRESHOLD`` | flag threshold when calibration is off | ``0.5`` |
 | ``HCC_PRELABEL_ON_IMPORT`` | run the pipeline when tasks are imported | ``1`` |
+| ``HCC_TASK_META`` | tasks given the backend's meta keys: ``flagged``, ``all`` or ``off`` | ``flagged`` |
+| ``HCC_PRELABEL_CHUNK`` | tasks a pre-label labels and writes at a time at most (chunks grow to it) | ``2000`` |
 | ``HCC_TRAIN`` | *Start training* fits the encoder to the anchors, then re-labels (``0``: re-labels only) | ``1`` |
 | ``HCC_TRAIN_EVERY`` | new annotations since the last training that queue one (``0``: *Start training*) | ``100`` |
 | ``HCC_TRAIN_MAX_STEPS`` | optimiser steps of one training at most (bounds its time) | ``400`` |
@@ -51,6 +53,16 @@ def _flag(name: str, default: bool | None) -> bool | None:
     if value is None or value == "":
         return default
     return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+TASK_META_POLICIES = ("flagged", "all", "off")
+
+
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (os.environ.get(name, "") or default).strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
 
 
 def _int(name: str, default: int, *, minimum: int) -> int:
@@ -100,6 +112,8 @@ class Settings:
     calibration: bool = True
     target_precision: float = 0.95
     prelabel_on_import: bool = True
+    task_meta: str = "flagged"  # flagged | all | off
+    prelabel_chunk: int = 2000  # the largest chunk a pre-label labels and writes before the next
     train: bool = True
     train_every: int = 100
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -133,6 +147,8 @@ class Settings:
             calibration=_flag("HCC_CALIBRATION", True),
             target_precision=float(env("HCC_TARGET_PRECISION", "") or 0.95),
             prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
+            prelabel_chunk=_int("HCC_PRELABEL_CHUNK", 2000, minimum=1),
+            task_meta=_choice("HCC_TASK_META", "flagged", TASK_META_POLICIES),
             train=_flag("HCC_TRAIN", True),
             train_every=_int("HCC_TRAIN_EVERY", 100, minimum=0),
             training=TrainingConfig(max_steps=_int("HCC_TRAIN_MAX_STEPS", TrainingConfig.max_steps, minimum=1)),

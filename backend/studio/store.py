@@ -280,9 +280,17 @@ class ProjectStore:
             db.executemany("DELETE FROM items WHERE task_id = ?", [(int(t),) for t in task_ids])
             self._bump(db, "items_deleted")  # a reader of changed items cannot see a deletion: it reads all again
 
-    def written(self) -> dict[int, tuple[int | None, dict[str, Any] | None]]:
-        """task -> (Label Studio prediction id, the prediction as last written)."""
-        rows = self._db().execute("SELECT task_id, prediction_id, written FROM items")
+    def written(self, task_ids: Iterable[int] | None = None) -> dict[int, tuple[int | None, dict[str, Any] | None]]:
+        """task -> (Label Studio prediction id, the prediction as last written), of every stored task or of
+        those of ``task_ids`` (a chunk of a pre-label reads its own, not the project's)."""
+        query = "SELECT task_id, prediction_id, written FROM items"
+        if task_ids is None:
+            rows = list(self._db().execute(query))
+        else:
+            ids, rows = sorted({int(t) for t in task_ids}), []
+            for start in range(0, len(ids), 500):  # below SQLite's limit on bound parameters
+                chunk = ids[start:start + 500]
+                rows += self._db().execute(f"{query} WHERE task_id IN ({','.join('?' * len(chunk))})", chunk)
         return {t: (pid, json.loads(w) if w else None) for t, pid, w in rows}
 
     def mark_written(self, entries: dict[int, tuple[int | None, dict[str, Any]]]) -> None:

@@ -52,9 +52,10 @@ def proxy(label_studio) -> Iterator[StudioProxy]:
 
 @pytest.fixture(scope="module")
 def service(label_studio, proxy, tmp_path_factory) -> HCCService:
-    """The backend's service (real encoder, no LLM), talking to Label Studio through the proxy."""
+    """The backend's service (real encoder, no LLM), talking to Label Studio through the proxy; every task
+    gets meta (``HCC_TASK_META=all``), which the meta tests below write."""
     settings = Settings(label_studio_url=proxy.url, label_studio_api_key=label_studio["token"],
-                        model_dir=tmp_path_factory.mktemp("model_dir"))
+                        model_dir=tmp_path_factory.mktemp("model_dir"), task_meta="all")
     return HCCService(settings)
 
 

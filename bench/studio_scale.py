@@ -1,0 +1,131 @@
+"""A large import into a real Label Studio, pre-labelled by an encoder-only backend (issue 12).
+
+    .venv/bin/python bench/studio_scale.py --tasks 10000 --out bench/results/studio_scale.json
+    .venv/bin/python bench/studio_scale.py --tasks 100000 --out bench/results/studio_scale_100k.json
+
+Steps: Label Studio (SQLite) and the backend as processes; a project with 5% of Banking77 train as annotated
+tasks (the anchors); then ``--tasks`` unlabelled tasks imported in batches of 5,000 (Banking77 train and test
+texts, repeated with a numbered suffix past the 13,083 distinct ones, so that every text is encoded). Times
+are counted from the end of the import: the first predictions (``/status`` ``predicted`` > 0, then checked
+in Label Studio), all predictions written and the job done (the review tab's filter is final then), with the
+job's steps as ``/status`` showed them, the backend's peak RSS, and the tasks that really carry a prediction
+of the project's model version at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from studio_backend import TOKEN, _annotated, _config, _rows, _rss_mb  # noqa: E402
+
+from backend.studio import launch  # noqa: E402
+
+IMPORT_BATCH = 5000
+
+
+def texts_for(n: int, pool: list[str]) -> list[str]:
+    """``n`` distinct texts: the pool, then the pool again with a numbered suffix."""
+    return [pool[i % len(pool)] + (f" ({i // len(pool)})" if i >= len(pool) else "") for i in range(n)]
+
+
+def status(url: str, project: int) -> dict:
+    return requests.get(f"{url}/status", params={"project": project}, timeout=30).json()
+
+
+def wait_idle(url: str, project: int, *, timeout: float, timeline: list | None = None, t0: float = 0.0) -> dict:
+    """Poll /status until no job runs or waits; ``timeline`` collects each new step, first predictions."""
+    deadline, last_step = time.time() + timeout, None
+    while time.time() < deadline:
+        now = status(url, project)
+        job = now.get("job") or {}
+        if timeline is not None:
+            step = (job.get("step") or "").split(" (")[0]
+            if step != last_step or job.get("predicted") != (timeline[-1]["predicted"] if timeline else None):
+                timeline.append({"s": round(time.perf_counter() - t0, 1), "step": step, "done": job.get("done"),
+                                 "predicted": job.get("predicted"), "rate": job.get("rate")})
+                print(json.dumps(timeline[-1]), file=sys.stderr, flush=True)
+                last_step = step
+        if job.get("state") in ("done", "failed") and now.get("pending_jobs") == 0 and job.get("kind"):
+            return now
+        time.sleep(1.0)
+    raise TimeoutError("the pre-label did not finish")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=10_000)
+    ap.add_argument("--task-meta", default="flagged", help="HCC_TASK_META of the backend")
+    ap.add_argument("--chunk", type=int, default=2000, help="HCC_PRELABEL_CHUNK of the backend")
+    ap.add_argument("--timeout", type=float, default=4 * 3600)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    train, test = _rows("train.csv"), _rows("test.csv")
+    rng = random.Random(0)
+    anchors = rng.sample(train, round(0.05 * len(train)))
+    pool = [r["text"] for r in train + test]
+    rng.shuffle(pool)
+    config = _config(sorted({r["category"] for r in train}))
+    work = Path(tempfile.mkdtemp(prefix="hcc-bench-scale-"))
+    results: dict = {"machine": "2 vCPU AMD EPYC, 24 GB, no GPU", "tasks": args.tasks, "anchors": len(anchors),
+                     "task_meta": args.task_meta, "chunk": args.chunk, "backend": "encoder only (MiniLM)"}
+    from label_studio_sdk import LabelStudio
+
+    ls_service = launch.start_label_studio(data_dir=work / "ls", username="bench@example.com",
+                                           password="bench-pass", token=TOKEN)
+    services = [ls_service]
+    try:
+        ls = LabelStudio(base_url=ls_service.url, api_key=TOKEN, timeout=600)
+        backend = launch.start_backend({"LABEL_STUDIO_URL": ls_service.url, "LABEL_STUDIO_API_KEY": TOKEN,
+                                        "LOG_LEVEL": "WARNING", "MODEL_DIR": str(work / "model_dir"),
+                                        "HCC_LLM_BASE_URL": "", "HCC_TASK_META": args.task_meta,
+                                        "HCC_PRELABEL_CHUNK": str(args.chunk)}, log=work / "backend.log")
+        services.append(backend)
+        project = ls.projects.create(title="bench scale", label_config=config)
+        ls.ml.create(url=backend.url, project=project.id, title="hcc")
+        ls.projects.import_tasks(id=project.id, request=_annotated(anchors))
+        wait_idle(backend.url, project.id, timeout=600)
+
+        texts = texts_for(args.tasks, pool)
+        t_start = time.perf_counter()
+        for start in range(0, len(texts), IMPORT_BATCH):
+            ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in texts[start:start + IMPORT_BATCH]])
+        t0 = time.perf_counter()
+        results["import_s"] = round(t0 - t_start, 1)
+        print(f"imported {len(texts)} tasks in {results['import_s']} s", file=sys.stderr, flush=True)
+        timeline: list = []
+        final = wait_idle(backend.url, project.id, timeout=args.timeout, timeline=timeline, t0=t0)
+        results["first_predictions_s"] = next((e["s"] for e in timeline if (e["predicted"] or 0) > 0), None)
+        results["all_predictions_and_review_tab_s"] = round(time.perf_counter() - t0, 1)
+        results["timeline"] = timeline
+        results["last_run"] = final.get("last_run")
+        results["backend_peak_rss_mb"] = _rss_mb(backend.pid)
+        version = ls.projects.get(id=project.id).model_version
+        predicted = sum(any(p.model_version == version for p in t.predictions or [])
+                        for t in ls.tasks.list(project=project.id, fields="all", page_size=500) if not t.annotations)
+        results["tasks_with_a_prediction"] = predicted
+        tabs = [v for v in ls.views.list(project=project.id) if (v.data or {}).get("title") == "Needs review"]
+        results["review_tab"] = bool(tabs)
+    finally:
+        for service in reversed(services):
+            service.stop()
+    print(json.dumps({k: v for k, v in results.items() if k != "timeline"}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
