@@ -194,8 +194,7 @@ def _wait_prelabel(backend_url: str, project_id: int, *, timeout: float) -> dict
     while time.time() < deadline:
         status = requests.get(f"{backend_url}/status", params={"project": project_id}, timeout=10).json()
         job = status.get("job") or {}
-        line = f"pre-labelling: {job.get('state', 'waiting')} {job.get('step', '')} " \
-               f"{job.get('done', '')}/{job.get('total', '')}".rstrip("/ ")
+        line = _progress_line(job)
         if line != shown:
             _say(line)
             shown = line
@@ -208,6 +207,16 @@ def _wait_prelabel(backend_url: str, project_id: int, *, timeout: float) -> dict
                     "stages": last.get("stages"), "seconds": last.get("seconds")}
         time.sleep(2)
     raise TimeoutError(f"pre-labelling did not finish within {timeout:.0f} s; it goes on in the background")
+
+
+def _progress_line(job: dict[str, Any]) -> str:
+    """One line of a pre-label's progress: its step (with the tasks done), the LLM calls, the time left."""
+    line = f"pre-labelling: {job.get('state', 'waiting')} {job.get('step', '')}".rstrip()
+    if job.get("llm_calls"):
+        line += f", {job['llm_calls']} LLM calls"
+    if job.get("eta_s") and job.get("state") == "running":
+        line += f", ~{job['eta_s']:.0f} s left"
+    return line
 
 
 def _accuracy(ls, project_id: int) -> float | None:
