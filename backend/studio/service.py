@@ -547,6 +547,8 @@ class HCCService:
                                   on_predictions=lambda n: progress.predicted(run.written + n), meta_later=meta)
             run.add(records, errors, written)
             progress.advance(len(chunk), predicted=run.written)
+        if not run.chunks:  # nothing to label: the threshold and the score's description are still the run's
+            run.last_write = self._write(model, client, {}, existing)
         # Every prediction and the review tab first: the meta is one PATCH per task, Label Studio's slowest write.
         self._write_meta(store, client, meta)
         n_cons = run.stages.get("consistent", 0)

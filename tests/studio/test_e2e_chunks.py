@@ -136,3 +136,11 @@ def test_meta_a_stopped_job_did_not_write_is_written_by_the_next(ls, label_studi
     monkeypatch.setattr(StudioClient, "update_meta", update_meta)
     service.prelabel(model)  # the same predictions: only the meta is left to write
     assert all(set(meta) >= OURS for meta in _metas(ls, project_id).values())
+
+
+def test_a_project_with_nothing_to_label_still_reports_its_threshold(ls, label_studio, tmp_path) -> None:
+    project_id = _project(ls, n_tasks=0)  # only the annotated anchors
+    service = _service(label_studio, tmp_path, review_threshold=0.4)
+    summary = service.prelabel(service.model(project_id, CONFIG))
+    assert summary["labelled"] == 0 and summary["chunks"] == 0 and summary["predictions_written"] == 0
+    assert summary["review_threshold"] == 0.4 and summary["scores"]
