@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 REVIEW_TAB_TITLE = "Needs review"
 PAGE_SIZE = 500
 WRITE_BATCH = 500
+# What a read-back of prediction ids asks for: Label Studio then skips every other data-manager column
+# (annotators, agreement, counts...), 3x faster on its SQLite server. (With ``include``, annotations come as
+# bare ids, so the full listing that reads the anchors cannot use it.)
+PREDICTIONS_ONLY = "id,predictions"
 # Task ids per filtered listing: they travel in the query string, which proxies cap at 4-8 KB.
 IDS_PER_QUERY = 300
 # One bulk import of a batch, then up to this many read-back-and-import rounds for a batch whose answer was lost.
@@ -99,20 +103,22 @@ class StudioClient:
         p = self._call(f"read project {project_id}", self._sdk.projects.get, id=project_id)
         return {"id": p.id, "title": p.title, "label_config": p.label_config, "model_version": p.model_version or ""}
 
-    def tasks(self, project_id: int, ids: Collection[int] | None = None) -> Iterator[TaskRecord]:
-        """Every task of the project (or only those of ``ids``) with its annotations and predictions."""
+    def tasks(self, project_id: int, ids: Collection[int] | None = None, *,
+              include: str | None = None) -> Iterator[TaskRecord]:
+        """Every task of the project (or only those of ``ids``) with its annotations and predictions; with
+        ``include`` (Label Studio's field list, e.g. :data:`PREDICTIONS_ONLY`) only those fields."""
         if ids is None:
-            yield from self._listed(project_id, None)
+            yield from self._listed(project_id, None, include)
             return
         ordered = sorted(set(ids))
         for start in range(0, len(ordered), IDS_PER_QUERY):
             selected = {"selectedItems": {"all": False, "included": ordered[start:start + IDS_PER_QUERY]}}
-            yield from self._listed(project_id, json.dumps(selected))
+            yield from self._listed(project_id, json.dumps(selected), include)
 
-    def _listed(self, project_id: int, query: str | None) -> Iterator[TaskRecord]:
+    def _listed(self, project_id: int, query: str | None, include: str | None) -> Iterator[TaskRecord]:
         what = f"list the tasks of project {project_id}"
-        pager = self._call(what, self._sdk.tasks.list, project=project_id, fields="all", page_size=PAGE_SIZE,
-                           query=query)
+        pager = self._call(what, self._sdk.tasks.list, project=project_id, fields="all", include=include,
+                           page_size=PAGE_SIZE, query=query)
         try:
             for task in pager:
                 yield _task_record(task.model_dump())
@@ -202,7 +208,7 @@ class StudioClient:
         """
         ids: dict[int, int] = {}
         surplus: list[int] = []
-        for task in self.tasks(project_id, tasks):
+        for task in self.tasks(project_id, tasks, include=PREDICTIONS_ONLY):
             mine = sorted(int(p["id"]) for p in task.predictions if p.get("model_version") == model_version)
             if mine:
                 kept = max((i for i in mine if i in keep), default=mine[-1])

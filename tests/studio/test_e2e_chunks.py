@@ -44,8 +44,8 @@ def test_each_chunk_is_written_before_the_next_is_labelled(ls, label_studio, tmp
     read_back: list[int] = []
     tasks = StudioClient.tasks
 
-    def listed(self, project: int, ids=None):
-        got = list(tasks(self, project, ids))
+    def listed(self, project: int, ids=None, **kwargs):
+        got = list(tasks(self, project, ids, **kwargs))
         if ids is not None:
             read_back.append(len(got))
         return iter(got)
