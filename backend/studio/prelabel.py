@@ -1,9 +1,9 @@
 """How a pre-label job walks a large project: chunks that grow, what the run adds up, and its progress.
 
 A project of 100,000 tasks cannot wait for all of them to be labelled before the first prediction is written:
-the job labels and writes a chunk at a time, the first small (its predictions appear within seconds), the next
-ones doubling up to ``HCC_PRELABEL_CHUNK`` (fewer round trips to Label Studio per task). ``/status`` shows the
-tasks done, the rate and the time left.
+the job labels and writes a chunk at a time: the first small (its predictions appear seconds after labelling
+begins), the next ones doubling up to ``HCC_PRELABEL_CHUNK`` (fewer round trips to Label Studio per task).
+``/status`` shows the tasks done, the rate and the time left.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from backend.studio.store import ProjectStore
 
-#: Tasks of the first chunk: small, so that its predictions are written seconds after the job starts.
+#: Tasks of the first chunk: small, so that its predictions are written seconds after labelling begins.
 FIRST_CHUNK = 250
 #: Tasks the centroids' refinement is fitted on at most, before the first chunk: the size of the
 #: evaluation splits it was measured on (docs/benchmarks.md, 3,000-4,500 items); more costs encoding and
