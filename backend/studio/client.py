@@ -24,6 +24,10 @@ WRITE_BATCH = 500
 # (annotators, agreement, counts...), 3x faster on its SQLite server. (With ``include``, annotations come as
 # bare ids, so the full listing that reads the anchors cannot use it.)
 PREDICTIONS_ONLY = "id,predictions"
+# What the listing of a whole project asks for first: everything but the annotations, which then come in full
+# for the tasks that have any (measured, 5,250 tasks of which 250 annotated: 8.3 s + 3.0 s against 37.8 s for
+# one listing with every column). ``total_annotations`` counts submitted, not skipped, annotations.
+WITHOUT_ANNOTATIONS = "id,data,meta,predictions,total_annotations"
 # Task ids per filtered listing: they travel in the query string, which proxies cap at 4-8 KB.
 IDS_PER_QUERY = 300
 # One bulk import of a batch, then up to this many read-back-and-import rounds for a batch whose answer was lost.
@@ -108,20 +112,35 @@ class StudioClient:
         """Every task of the project (or only those of ``ids``) with its annotations and predictions; with
         ``include`` (Label Studio's field list, e.g. :data:`PREDICTIONS_ONLY`) only those fields."""
         if ids is None:
-            yield from self._listed(project_id, None, include)
+            yield from (self._listed(project_id, None, include) if include else self._every_task(project_id))
             return
         ordered = sorted(set(ids))
         for start in range(0, len(ordered), IDS_PER_QUERY):
             selected = {"selectedItems": {"all": False, "included": ordered[start:start + IDS_PER_QUERY]}}
             yield from self._listed(project_id, json.dumps(selected), include)
 
-    def _listed(self, project_id: int, query: str | None, include: str | None) -> Iterator[TaskRecord]:
+    def _every_task(self, project_id: int) -> Iterator[TaskRecord]:
+        """The whole project in two passes: every task without its annotations, then the annotated ones in full.
+
+        A task whose count of annotations is missing from the first pass is read in full too, so that a Label
+        Studio that leaves the field out costs time, never an anchor."""
+        light, annotated = [], []
+        for task in self._listed(project_id, None, WITHOUT_ANNOTATIONS, raw=True):
+            light.append(task)
+            if task.get("total_annotations") != 0:
+                annotated.append(int(task["id"]))
+        full = {t.id: t for t in self.tasks(project_id, annotated)} if annotated else {}
+        for task in light:
+            yield full.get(int(task["id"])) or _task_record(task)
+
+    def _listed(self, project_id: int, query: str | None, include: str | None, *,
+                raw: bool = False) -> Iterator[Any]:
         what = f"list the tasks of project {project_id}"
         pager = self._call(what, self._sdk.tasks.list, project=project_id, fields="all", include=include,
                            page_size=PAGE_SIZE, query=query)
         try:
             for task in pager:
-                yield _task_record(task.model_dump())
+                yield task.model_dump() if raw else _task_record(task.model_dump())
         except Exception as exc:
             raise _explain(exc, self.url, what) from exc
 

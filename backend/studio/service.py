@@ -24,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from backend.labelling.encoder import Encoder, EncoderError, resolve_model_path
@@ -32,7 +33,7 @@ from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import MAX_RESUMES, JobQueue, ProcessLease, orphaned, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
 from backend.studio.prelabel import FIRST_CHUNK, REFINE_SAMPLE, ChunkProgress, PendingMeta, PrelabelRun, chunks
-from backend.studio.project import ProjectModel, TaskDataError, annotation_label, task_text, versioned
+from backend.studio.project import ProjectModel, Scores, TaskDataError, annotation_label, task_text, versioned
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
 
@@ -600,67 +601,74 @@ class HCCService:
         predictions first, then the meta, the slow part)."""
         store, version = model.store, model.model_version
         known = store.written(list(records))
-        new, updates, metas, marks, stale, had = [], {}, {}, {}, [], {}
-        needs_review = 0
         scores = model.scores(records, earlier=earlier or ())
+        plan = _WritePlan()
         for task_id, record in records.items():
-            if record.get("label") is None:
-                continue
-            pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold,
-                                    calibrated=scores.calibrated)
-            needs_review += pred.needs_review
-            pid, before = known.get(task_id, (None, None))
-            # The task's meta is the task's, not the prediction's: what ours holds survives a version change.
-            had[task_id] = had_meta = before.get("meta", LEGACY_META) if before is not None else None
-            meta = pred.needs_review if task_meta_wanted(self.settings.task_meta, pred.needs_review) else None
-            written = {**pred.written(), "model_version": version, "meta": meta}
-            if before is not None and before.get("model_version", self.settings.model_version) != version:
-                if pid is not None:  # another model's prediction: replaced by a new one, deleted once it exists
-                    stale.append(pid)
-                pid, before = None, None
-            if pid is None:  # e.g. Label Studio stored it from a /predict answer
-                pid = _our_prediction(tasks.get(task_id), version) if tasks is not None else \
-                    client.prediction_id(task_id, version)
-            same = before is not None and _prediction_part(before) == _prediction_part(written) and pid is not None
-            if not same:
-                if pid is None:
-                    new.append({"task": task_id, "result": pred.result, "score": pred.score,
-                                "model_version": version})
-                else:
-                    updates[pid] = {"result": pred.result, "score": pred.score}
-            if meta is not None and (not same or meta != had_meta):
-                metas[task_id] = pred.meta(record)
-            elif meta is None and had_meta is not None:
-                metas[task_id] = {}  # our keys leave the task: the merge drops the owned keys it is not given
-            if not same or meta != had_meta:
-                marks[task_id] = (pid, written)
-        client.import_predictions(model.project_id, new)
-        client.update_predictions(updates)
-        if new:  # the bulk import does not return ids: read back those of these records' tasks, which also
-            # deletes their duplicates; a chunk reads its own tasks, not the project's
-            tracked = {pid for pid, _ in known.values() if pid is not None} | set(updates)
+            if record.get("label") is not None:
+                self._plan_task(plan, model, client, task_id, record, scores, known.get(task_id, (None, None)),
+                                tasks)
+        client.import_predictions(model.project_id, plan.new)
+        client.update_predictions(plan.updates)
+        if plan.new:  # the bulk import does not return ids: read back those of these records' tasks, which
+            # also deletes their duplicates; a chunk reads its own tasks, not the project's
+            tracked = {pid for pid, _ in known.values() if pid is not None} | set(plan.updates)
             ids = client.prediction_ids(model.project_id, version, keep=tracked, tasks=list(records))
-            marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in marks.items()}
-        pending = PendingMeta(metas, {t: marks[t] for t in metas})
+            plan.marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in plan.marks.items()}
+        pending = PendingMeta(plan.metas, {t: plan.marks[t] for t in plan.metas})
         # A task's meta state is marked once its meta is written: a job stopped before that writes it again.
-        store.mark_written({t: (pid, {**w, "meta": had[t]}) if t in metas else (pid, w)
-                            for t, (pid, w) in marks.items()})
+        store.mark_written({t: (pid, {**w, "meta": plan.had[t]}) if t in plan.metas else (pid, w)
+                            for t, (pid, w) in plan.marks.items()})
+        written = len(plan.new) + len(plan.updates)
         # Only now: Label Studio refuses a model_version no prediction carries yet.
-        if new or updates:
+        if written:
             client.set_model_version(model.project_id, version)
             client.ensure_review_tab(model.project_id, threshold=scores.threshold)
         if on_predictions is not None:
-            on_predictions(len(new) + len(updates))
-        if stale:  # only now that their replacements are written and shown
-            store.update("job", step=f"deleting {len(stale)} predictions of the previous model")
-            client.delete_predictions(stale)
+            on_predictions(written)
+        if plan.stale:  # only now that their replacements are written and shown
+            store.update("job", step=f"deleting {len(plan.stale)} predictions of the previous model")
+            client.delete_predictions(plan.stale)
         if meta_later is not None:
             meta_later.add(pending)
         else:
             self._write_meta(store, client, pending)
-        return {"written": len(new) + len(updates), "needs_review": needs_review, "threshold": scores.threshold,
+        return {"written": written, "needs_review": plan.needs_review, "threshold": scores.threshold,
                 "scores": scores.message, "values": list(scores.values.values())}
 
+    def _plan_task(self, plan: _WritePlan, model: ProjectModel, client: StudioClient, task_id: int,
+                   record: dict[str, Any], scores: Scores, known: tuple[int | None, dict | None],
+                   tasks: dict[int, dict] | None) -> None:
+        """Add to ``plan`` what one labelled task needs: a new prediction or an update (or nothing when the
+        stored one is the same), its meta, the stale prediction of another model version, what to mark."""
+        version = model.model_version
+        pred = model.prediction(task_id, record, scores.values[task_id], scores.threshold,
+                                calibrated=scores.calibrated)
+        plan.needs_review += pred.needs_review
+        pid, before = known
+        # The task's meta is the task's, not the prediction's: what ours holds survives a version change.
+        plan.had[task_id] = had_meta = before.get("meta", LEGACY_META) if before is not None else None
+        meta = pred.needs_review if task_meta_wanted(self.settings.task_meta, pred.needs_review) else None
+        written = {**pred.written(), "model_version": version, "meta": meta}
+        if before is not None and before.get("model_version", self.settings.model_version) != version:
+            if pid is not None:  # another model's prediction: replaced by a new one, deleted once it exists
+                plan.stale.append(pid)
+            pid, before = None, None
+        if pid is None:  # e.g. Label Studio stored it from a /predict answer
+            pid = _our_prediction(tasks.get(task_id), version) if tasks is not None else \
+                client.prediction_id(task_id, version)
+        same = before is not None and _prediction_part(before) == _prediction_part(written) and pid is not None
+        if not same:
+            if pid is None:
+                plan.new.append({"task": task_id, "result": pred.result, "score": pred.score,
+                                 "model_version": version})
+            else:
+                plan.updates[pid] = {"result": pred.result, "score": pred.score}
+        if meta is not None and (not same or meta != had_meta):
+            plan.metas[task_id] = pred.meta(record)
+        elif meta is None and had_meta is not None:
+            plan.metas[task_id] = {}  # our keys leave the task: the merge drops the owned keys it is not given
+        if not same or meta != had_meta:
+            plan.marks[task_id] = (pid, written)
 
     @staticmethod
     def _write_meta(store: ProjectStore, client: StudioClient, pending: PendingMeta) -> None:
@@ -671,6 +679,19 @@ class HCCService:
         # pre-label): Label Studio's PATCH replaces meta whole, and a key someone set since must not be lost.
         client.update_meta(pending.metas, merge=True, owned=TASK_META_KEYS)
         store.mark_written(pending.marks)
+
+
+@dataclass
+class _WritePlan:
+    """What one write will change in Label Studio, worked out task by task before any call."""
+
+    new: list[dict[str, Any]] = field(default_factory=list)  # predictions to create
+    updates: dict[int, dict[str, Any]] = field(default_factory=dict)  # prediction id -> new result and score
+    metas: dict[int, dict[str, Any]] = field(default_factory=dict)  # task -> its meta ({}: our keys leave)
+    marks: dict[int, tuple[int | None, dict[str, Any]]] = field(default_factory=dict)  # task -> (pid, state)
+    stale: list[int] = field(default_factory=list)  # predictions of another model version, deleted last
+    had: dict[int, Any] = field(default_factory=dict)  # task -> the meta state stored before this write
+    needs_review: int = 0
 
 
 def task_meta_wanted(policy: str, needs_review: bool) -> bool:

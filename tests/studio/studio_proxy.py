@@ -10,7 +10,9 @@ matching requests, to reproduce what a load balancer or a flaky network does to 
 - ``"502_before"``: answer 502 without forwarding (nothing reaches Label Studio).
 
 A hook (``proxy.on(method, pattern, fn)``) runs ``fn(method, path)`` before a matching request is forwarded, e.g. to
-change a task through Label Studio's API between a client's read and its write. ``proxy.seen`` logs every
+change a task through Label Studio's API between a client's read and its write. A rewrite
+(``proxy.rewrite(method, pattern, fn)``) passes each matching answer's body through ``fn`` (bytes to bytes), to
+serve what another Label Studio version might answer. ``proxy.seen`` logs every
 request as ``(method, path)``; ``proxy.count(...)`` counts them. Headers are never logged (they carry the key).
 
 Usage::
@@ -53,6 +55,7 @@ class Fault:
 
 
 Hook = Callable[[str, str], None]
+Rewrite = Callable[[bytes], bytes]
 
 
 class StudioProxy:
@@ -67,6 +70,7 @@ class StudioProxy:
         self.seen: list[tuple[str, str]] = []
         self._faults: list[Fault] = []
         self._hooks: list[tuple[str, re.Pattern[str], Hook]] = []
+        self._rewrites: list[tuple[str, re.Pattern[str], Rewrite]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True
@@ -93,11 +97,17 @@ class StudioProxy:
         with self._lock:
             self._hooks.append((method.upper(), re.compile(pattern), hook))
 
+    def rewrite(self, method: str, pattern: str, fn: Rewrite) -> None:
+        """Pass the body of each matching answer through ``fn`` before the client gets it (until :meth:`clear`)."""
+        with self._lock:
+            self._rewrites.append((method.upper(), re.compile(pattern), fn))
+
     def clear(self) -> None:
-        """Disarm every fault and hook; forget the request log."""
+        """Disarm every fault, hook and rewrite; forget the request log."""
         with self._lock:
             self._faults.clear()
             self._hooks.clear()
+            self._rewrites.clear()
             self.seen.clear()
 
     def count(self, method: str, pattern: str) -> int:
@@ -117,6 +127,10 @@ class StudioProxy:
         self.stop()
 
     # -- what the handler asks -----------------------------------------------------------------------------
+    def _rewrites_for(self, method: str, path: str) -> list[Rewrite]:
+        with self._lock:
+            return [fn for m, rx, fn in self._rewrites if m == method and rx.search(path)]
+
     def _arrived(self, method: str, path: str) -> tuple[Fault | None, list[Hook]]:
         """Log the request; the fault it consumes (if any) and the hooks to run."""
         with self._lock:
@@ -152,9 +166,14 @@ def _handler_class(proxy: StudioProxy) -> type[BaseHTTPRequestHandler]:
                 hook(method, path)
             if fault is not None and fault.mode == "502_before":
                 return self._reply(502, [("Content-Type", "text/plain")], b"bad gateway (injected, not forwarded)")
-            headers = [(k, v) for k, v in self.headers.items() if k.lower() not in HOP_HEADERS]
+            rewrites = proxy._rewrites_for(method, path)
+            # An answer to rewrite is asked for uncompressed, so that ``fn`` sees the plain body.
+            dropped = HOP_HEADERS | ({"accept-encoding"} if rewrites else set())
+            headers = [(k, v) for k, v in self.headers.items() if k.lower() not in dropped]
             headers.append(("Connection", "close"))
             status, answer_headers, answer = proxy._forward(method, path, headers, body)
+            for fn in rewrites:
+                answer = fn(answer)
             if fault is None:
                 return self._reply(status, answer_headers, answer)
             if fault.mode == "502_after":

@@ -279,6 +279,24 @@ def test_scores_are_a_probability_from_the_first_prediction_then_calibrated(mode
     assert batch.threshold == late.threshold  # a /predict batch reuses the project-wide threshold
 
 
+def test_a_calibrated_threshold_set_chunk_by_chunk_is_the_one_of_the_whole_run(model: ProjectModel) -> None:
+    records, _ = model.label(item_tasks())
+    model.calibrator = lambda: fit_calibrator(  # type: ignore[method-assign]
+        [records[t] for t in records] * 4,
+        [r["label"] if i % 3 else "__other__" for i, r in enumerate(list(records.values()) * 4)],
+        min_pairs=4, min_per_class=2)
+    model.settings.target_precision = 0.6  # below these scores: the threshold keeps some items unflagged
+    whole = model.scores(records)
+    assert whole.calibrated and whole.threshold < 1.0
+    ids = sorted(records, key=lambda t: whole.values[t])  # the surest items last: the last chunk alone differs
+    first, last = {t: records[t] for t in ids[:3]}, {t: records[t] for t in ids[3:]}
+    alone = model.scores(last)
+    assert alone.threshold != whole.threshold  # else this split could not tell the pooling from its absence
+    chunked = model.scores(last, earlier=list(model.scores(first).values.values()))
+    assert chunked.threshold == whole.threshold
+    assert model.store.get("calibration")["threshold"] == whole.threshold  # what /predict batches then reuse
+
+
 def test_reviewed_anchors_do_not_fit_the_prior_mapping(model: ProjectModel) -> None:
     records, _ = model.label(item_tasks())
     assert records[10]["prior_probability"] > 0
