@@ -66,7 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=10_000)
     ap.add_argument("--task-meta", default="flagged", help="HCC_TASK_META of the backend")
-    ap.add_argument("--chunk", type=int, default=2000, help="HCC_PRELABEL_CHUNK of the backend")
+    ap.add_argument("--chunk", type=int, default=5000, help="HCC_PRELABEL_CHUNK of the backend")
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

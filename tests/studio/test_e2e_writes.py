@@ -105,7 +105,7 @@ def _prelabel(service: HCCService, project_id: int) -> str:
 def test_a_lost_answer_to_a_prediction_batch_never_duplicates_it(ls, proxy, service, monkeypatch, mode):
     if mode == "slow_after":  # a client timeout: the answer comes after the client gave up
         token = service.settings.label_studio_api_key
-        monkeypatch.setattr(service, "client", lambda: StudioClient(proxy.url, token, timeout=3.0))
+        monkeypatch.setattr(service, "client", lambda: StudioClient(proxy.url, token, timeout=3.0, import_timeout=3.0))
     project_id = _project(ls)
     # The first two batches' first attempts: Label Studio commits them (except 502_before), the client sees a failure.
     fault = proxy.fault("POST", IMPORT, mode, times=2, delay=4.0)
@@ -117,6 +117,20 @@ def test_a_lost_answer_to_a_prediction_batch_never_duplicates_it(ls, proxy, serv
         assert len(_versions(task, version)) == 1, f"task {task['id']}: {task['predictions']}"
     # Only what was missing is sent again: nothing after a commit, the whole batch when nothing reached Label Studio.
     assert proxy.count("POST", IMPORT) == (5 if mode == "502_before" else 3)
+
+
+def test_an_import_slower_than_the_read_timeout_is_waited_for_not_read_back(ls, proxy, service, monkeypatch):
+    # Label Studio's import slows down as the project's predictions grow: a call may outlast the client's timeout
+    # for reads (3 s here) and must still be waited for (its own timeout, 20 s here), not taken for lost.
+    token = service.settings.label_studio_api_key
+    monkeypatch.setattr(service, "client", lambda: StudioClient(proxy.url, token, timeout=3.0, import_timeout=20.0))
+    project_id = _project(ls)
+    fault = proxy.fault("POST", IMPORT, "slow_after", times=3, delay=4.0)
+    version = _prelabel(service, project_id)
+    assert fault.hits == 3
+    assert proxy.count("POST", IMPORT) == 3  # the three batches once each
+    assert proxy.count("GET", r"^/api/predictions/?\?") == 0  # no answer taken for lost, so nothing read back
+    assert all(len(_versions(t, version)) == 1 for t in _unlabelled(ls, project_id))
 
 
 def test_a_batch_that_keeps_failing_fails_the_write_after_bounded_attempts(ls, proxy, service):

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from backend.studio.client import WRITE_BATCH
 from backend.studio.prelabel import ChunkProgress, PrelabelRun, chunks
+from backend.studio.settings import Settings
 from backend.studio.store import ProjectStore
 
 
@@ -46,3 +48,9 @@ def test_a_run_adds_up_its_chunks_and_keeps_a_bounded_list_of_errors() -> None:
     assert (run.chunks, run.labelled, run.written, run.needs_review, run.n_errors) == (3, 12, 9, 3, 27)
     assert run.stages == {"encoder_only": 3, "consistent": 9}
     assert len(run.errors) == 20 and len(run.scores) == 12 and run.last_write["threshold"] == 0.4
+
+
+def test_a_chunk_of_the_default_size_goes_to_label_studio_in_one_import_call() -> None:
+    # Each import call costs time that grows with the project's predictions (docs/benchmarks.md): a chunk
+    # split into several calls pays it several times.
+    assert Settings().prelabel_chunk <= WRITE_BATCH
