@@ -169,6 +169,20 @@ class StudioClient:
     import_backoff = 1.0  # seconds before the first read-back of a failed batch, doubled each round (tests shorten it)
 
     def _import_batch(self, project_id: int, batch: list[dict[str, Any]]) -> None:
+        """One import call; a body refused as too large (413: a proxy's cap, nginx's is 1 MB by default, about
+        5,000 predictions) goes again in halves. A 413 is answered before anything is stored."""
+        try:
+            self._send_one_import(project_id, batch)
+        except StudioError as exc:
+            if getattr(exc.__cause__, "status_code", None) != 413 or len(batch) < 2:
+                raise
+            half = len(batch) // 2
+            log.warning("project %s: %d predictions in one call are too large for Label Studio or its proxy "
+                        "(413); sending them in two calls", project_id, len(batch))
+            self._import_batch(project_id, batch[:half])
+            self._import_batch(project_id, batch[half:])
+
+    def _send_one_import(self, project_id: int, batch: list[dict[str, Any]]) -> None:
         self._send_missing(f"write {len(batch)} predictions to project {project_id}", batch,
                            lambda pending: self._sdk.projects.import_predictions(
                                id=project_id, request=pending,

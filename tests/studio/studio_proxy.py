@@ -12,7 +12,9 @@ matching requests, to reproduce what a load balancer or a flaky network does to 
 A hook (``proxy.on(method, pattern, fn)``) runs ``fn(method, path)`` before a matching request is forwarded, e.g. to
 change a task through Label Studio's API between a client's read and its write. A rewrite
 (``proxy.rewrite(method, pattern, fn)``) passes each matching answer's body through ``fn`` (bytes to bytes), to
-serve what another Label Studio version might answer. ``proxy.seen`` logs every
+serve what another Label Studio version might answer. A body cap (``proxy.cap_body(method, pattern, n)``)
+answers 413 without forwarding a matching request whose body exceeds ``n`` bytes, as nginx's
+``client_max_body_size`` does. ``proxy.seen`` logs every
 request as ``(method, path)``; ``proxy.count(...)`` counts them. Headers are never logged (they carry the key).
 
 Usage::
@@ -71,6 +73,7 @@ class StudioProxy:
         self._faults: list[Fault] = []
         self._hooks: list[tuple[str, re.Pattern[str], Hook]] = []
         self._rewrites: list[tuple[str, re.Pattern[str], Rewrite]] = []
+        self._caps: list[tuple[str, re.Pattern[str], int]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True
@@ -102,12 +105,22 @@ class StudioProxy:
         with self._lock:
             self._rewrites.append((method.upper(), re.compile(pattern), fn))
 
+    def cap_body(self, method: str, pattern: str, max_bytes: int) -> None:
+        """Answer 413, without forwarding, each matching request whose body exceeds ``max_bytes``."""
+        with self._lock:
+            self._caps.append((method.upper(), re.compile(pattern), max_bytes))
+
+    def too_large(self, method: str, path: str, body: bytes | None) -> bool:
+        with self._lock:
+            return any(m == method and rx.search(path) and len(body or b"") > n for m, rx, n in self._caps)
+
     def clear(self) -> None:
-        """Disarm every fault, hook and rewrite; forget the request log."""
+        """Disarm every fault, hook, rewrite and body cap; forget the request log."""
         with self._lock:
             self._faults.clear()
             self._hooks.clear()
             self._rewrites.clear()
+            self._caps.clear()
             self.seen.clear()
 
     def count(self, method: str, pattern: str) -> int:
@@ -164,6 +177,8 @@ def _handler_class(proxy: StudioProxy) -> type[BaseHTTPRequestHandler]:
             fault, hooks = proxy._arrived(method, path)
             for hook in hooks:
                 hook(method, path)
+            if proxy.too_large(method, path, body):
+                return self._reply(413, [("Content-Type", "text/plain")], b"request entity too large (injected)")
             if fault is not None and fault.mode == "502_before":
                 return self._reply(502, [("Content-Type", "text/plain")], b"bad gateway (injected, not forwarded)")
             rewrites = proxy._rewrites_for(method, path)

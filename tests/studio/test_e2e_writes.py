@@ -8,6 +8,7 @@ the way a load balancer does after Label Studio committed a write (issue 14, ite
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,6 +132,16 @@ def test_an_import_slower_than_the_read_timeout_is_waited_for_not_read_back(ls, 
     assert proxy.count("POST", IMPORT) == 3  # the three batches once each
     assert proxy.count("GET", r"^/api/predictions/?\?") == 0  # no answer taken for lost, so nothing read back
     assert all(len(_versions(t, version)) == 1 for t in _unlabelled(ls, project_id))
+
+
+def test_a_batch_too_large_for_the_proxy_goes_again_in_halves(ls, proxy, service, monkeypatch):
+    monkeypatch.setattr(client_module, "WRITE_BATCH", 100)  # the 7 tasks as one call, as a real chunk goes
+    project_id = _project(ls)
+    one = len(json.dumps({"task": 1, "result": _choice(CLASSES[0]), "score": 0.5, "model_version": "x" * 40}))
+    proxy.cap_body("POST", IMPORT, 3 * one)  # about two predictions per call get through
+    version = _prelabel(service, project_id)
+    assert all(len(_versions(t, version)) == 1 for t in _unlabelled(ls, project_id))
+    assert proxy.count("POST", IMPORT) >= 3  # the whole refused, then at least two smaller calls
 
 
 def test_a_batch_that_keeps_failing_fails_the_write_after_bounded_attempts(ls, proxy, service):
