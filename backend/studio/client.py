@@ -23,8 +23,9 @@ PAGE_SIZE = 500
 # already in the project (0.8-2 ms each on its SQLite server: measured, 2,000 predictions took 9-12 s as one call
 # and 41-42 s as four calls of 500 into a project holding 4,000-6,000), so a chunk goes as one call.
 WRITE_BATCH = 5000
-# Seconds an import call may take at least (that cost is minutes at 100,000 predictions). A lost answer is
-# read back before anything is sent again, so a timeout never duplicates a prediction, but costs a round.
+# The least time an import call is given before its answer counts as lost (that cost is minutes at 100,000
+# predictions). A lost answer is read back before anything is sent again, so a timeout never duplicates a
+# prediction, but it costs a round.
 IMPORT_TIMEOUT = 600.0
 # What a read-back of prediction ids asks for: Label Studio then skips every other data-manager column
 # (annotators, agreement, counts...), 3x faster on its SQLite server. (With ``include``, annotations come as
