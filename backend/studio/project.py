@@ -346,6 +346,25 @@ class ProjectModel:
                                       cross_check=[a.task_id not in predicted for a in anchors])
             self._revision = revision
 
+    def snapshot(self) -> HCCPipeline:
+        """A consistent copy of the pipeline to compute on without the lock. Webhooks swap the anchors and a
+        training swaps the encoder of ``self.pipeline`` at any time: a computation on it could pair one anchor
+        set's cross-check with another's flags. What the copy computes once per anchor set is handed back by
+        :meth:`_absorb` while its anchors are still the project's."""
+        with self._lock:
+            return copy.copy(self.pipeline)
+
+    def describe(self) -> dict[str, str | None]:
+        """In words, what the current anchors made of the pipeline: the views' weights, the classifier the
+        anchors chose and the centroids' refinement (a job's report shows them)."""
+        pipeline = self.snapshot()
+        refinement = pipeline.refinement()
+        described = {"views": (pipeline.pool_state() or {}).get("message"),
+                     "classifier": pipeline.classifier_choice().message,
+                     "refinement": refinement.message if refinement is not None else None}
+        self._absorb(pipeline, save_pool=False)
+        return described
+
     def anchors_from_tasks(self, tasks: Iterable[dict[str, Any]]) -> list[Anchor]:
         anchors = []
         for task in tasks:
@@ -385,7 +404,7 @@ class ProjectModel:
         if not ids:
             return {}, errors
         with self._lock:  # a consistent copy; the run itself holds no lock, so a long job blocks no request
-            pipeline = copy.copy(self.pipeline)
+            pipeline = self.snapshot()
             reference = self._reference(exclude=set(ids))
         problem = self.llm_problem
         if problem is not None and time.time() - problem["at"] < LLM_RETRY_SECONDS:
@@ -410,8 +429,7 @@ class ProjectModel:
                 texts.append(task_text(task, self.target))
             except TaskDataError:
                 continue  # reported when that task is labelled
-        with self._lock:
-            pipeline = copy.copy(self.pipeline)
+        pipeline = self.snapshot()
         refinement = pipeline.refine_on(texts)
         if refinement is not None:
             self._keep_fitted(pipeline, refinement=True)
@@ -449,9 +467,10 @@ class ProjectModel:
         future.add_done_callback(finished)
         return result
 
-    def _absorb(self, pipeline: HCCPipeline) -> None:
+    def _absorb(self, pipeline: HCCPipeline, *, save_pool: bool = True) -> None:
         """Keep what a run on a copy of the pipeline computed once per anchor set (the anchors' cross-check,
-        prior mapping and views' evidence), when the anchors did not change meanwhile."""
+        prior mapping and views' evidence), when the anchors did not change meanwhile; ``save_pool``: store
+        the views' weights too (after a run that may have fitted them)."""
         with self._lock:
             main = self.pipeline
             if main.anchor_vectors is not pipeline.anchor_vectors or main.encoder is not pipeline.encoder:
@@ -460,7 +479,7 @@ class ProjectModel:
                 if getattr(pipeline, name) is not None:
                     setattr(main, name, getattr(pipeline, name))
             pool = main.pool_state()
-        if pool is not None:
+        if save_pool and pool is not None:
             self.store.set("pool", pool)
 
     def _encoder_only(self, pipeline: HCCPipeline, texts: list[str], reference, exc: Exception, *,
@@ -530,8 +549,7 @@ class ProjectModel:
             return {}
         ids = list(records)
         texts = [records[t]["text"] for t in ids]
-        with self._lock:
-            pipeline = copy.copy(self.pipeline)
+        pipeline = self.snapshot()
         answers = stored_answers([records[t] for t in ids], self.settings.hcc.llm_views) if self.has_llm else None
         result = pipeline.annotate(texts, answers=answers)
         self._absorb(pipeline)
@@ -583,11 +601,14 @@ class ProjectModel:
 
     def first_probability(self) -> str:
         """What the score before calibration rests on, in words (/status shows it)."""
-        prior = self.pipeline.prior().message
+        pipeline = self.snapshot()
+        prior = pipeline.prior().message
         if self.settings.hcc.combine != "pool":
+            self._absorb(pipeline, save_pool=False)
             return (f"until calibrated, the score is P(label is right) from the encoder's signals ({prior}); "
                     "items the annotators disagreed on are flagged whatever it is")
-        evidence = self.pipeline.evidence(allow_llm=False)
+        evidence = pipeline.evidence(allow_llm=False)
+        self._absorb(pipeline, save_pool=False)
         llm = (f"; where the LLM was asked, the views' weights fitted on {evidence.pool.items} anchors"
                if evidence.pool is not None and evidence.pool.adopted else "")
         return (f"until calibrated, the score is the pool's P(label is right): the encoder's temperature fitted on "

@@ -555,14 +555,12 @@ class HCCService:
         n_cons = run.stages.get("consistent", 0)
         # CAI over the items both views labelled: every item in a DCCA run, the ones the LLM was asked in a pool
         answered = run.labelled if model.settings.hcc.combine == "dcca" else n_cons + run.stages.get("combined", 0)
-        views = (model.pipeline.pool_state() or {}).get("message")
-        refinement = model.pipeline.refinement()
+        described = model.describe()
         last = run.last_write
         return {"tasks": len(tasks), "labelled": run.labelled, "errors": run.errors[:20],
                 "n_errors": run.n_errors, "anchors": len(store.anchors()), "stages": run.stages,
                 "cai": round(n_cons / (answered - n_cons + 1e-6), 4) if model.has_llm and answered else None,
-                "views": views, "classifier": model.pipeline.classifier_choice().message,
-                "refinement": refinement.message if refinement is not None else None,
+                **described,
                 "needs_review": run.needs_review, "predictions_written": run.written, "chunks": run.chunks,
                 "review_threshold": last.get("threshold"), "scores": last.get("scores")}
 

@@ -21,7 +21,7 @@ from backend.confidence.calibration import fit_calibrator
 from backend.data import MAX_TEXT_CHARS
 from backend.labelling.anchors import class_scores
 from backend.labelling.llm import LLMAnswer, LLMError, LLMStats
-from backend.labelling.pipeline import HCCConfig
+from backend.labelling.pipeline import HCCConfig, HCCPipeline
 from backend.labelling.transductive import Refinement
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.project import (
@@ -308,6 +308,33 @@ def test_reviewed_anchors_do_not_fit_the_prior_mapping(model: ProjectModel) -> N
     flags = dict(zip(pipe.anchor_texts, pipe.anchor_cross_check.tolist(), strict=True))
     assert flags == {**dict.fromkeys(ANCHOR_TEXTS, True), "nice": False, "meh": False}
     assert pipe.prior().pairs == len(ANCHOR_TEXTS)
+
+
+def test_scores_read_one_anchor_set_while_a_webhook_swaps_the_anchors(model: ProjectModel, monkeypatch) -> None:
+    """A re-vote's scores fit the prior mapping while annotation webhooks change the anchors: the fit must see
+    one anchor set. It once ran on the shared pipeline and paired the cross-check of 12 anchors with the flags
+    of 13 ('operands could not be broadcast together'); it now runs on a snapshot."""
+    records, _ = model.label(item_tasks())
+    model.store.put_anchor(Anchor(annotation_id=301, task_id=50, text="nice", label="positive"))
+    model.refresh_anchors()  # a first webhook: the prior mapping is to be refitted on the next scores
+    model.store.put_anchor(Anchor(annotation_id=302, task_id=51, text="terrible", label="negative"))
+    real = HCCPipeline.cross_check
+    landed: list[int] = []
+
+    def cross_check_then_a_webhook(pipeline: HCCPipeline):
+        check = real(pipeline)
+        if not landed:  # the second webhook lands between the cross-check and the use of the anchors' flags
+            landed.append(len(pipeline.anchor_labels))
+            model.refresh_anchors()
+        return check
+
+    monkeypatch.setattr(HCCPipeline, "cross_check", cross_check_then_a_webhook)
+    scores = model.scores(records)
+    assert landed == [len(ANCHOR_TEXTS) + 1] and len(model.pipeline.anchor_labels) == len(ANCHOR_TEXTS) + 2
+    assert set(scores.values) == set(records)
+    # The prior fitted on the older anchors was not kept for the newer ones; theirs is fitted when next needed.
+    assert model.pipeline._prior is None
+    assert model.pipeline.prior().pairs == len(ANCHOR_TEXTS) + 2
 
 
 def test_stored_answers_round_trip_the_llm_answers(model: ProjectModel) -> None:
