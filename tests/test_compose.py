@@ -8,6 +8,7 @@ actually read, listen on and run.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shlex
 from collections.abc import Mapping
@@ -112,7 +113,7 @@ def gunicorn_port() -> int:
 def names_the_backend_reads() -> set[str]:
     """Environment variables read by Settings.from_env, _wsgi.py, backend/config.py and the Dockerfile's CMD."""
     settings = (ROOT / "backend" / "studio" / "settings.py").read_text()
-    names = set(re.findall(r"\b(?:env|_flag)\(\s*\"([A-Z][A-Z0-9_]*)\"", settings))
+    names = set(re.findall(r"\b(?:env|_flag|_int|_number|_choice)\(\s*\"([A-Z][A-Z0-9_]*)\"", settings))
     for path in (ROOT / "_wsgi.py", ROOT / "backend" / "config.py"):  # config.py: HCC_CACHE_DIR
         names |= set(re.findall(r"os\.environ\.get\(\s*\"([A-Z][A-Z0-9_]*)\"", path.read_text()))
     names |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", dockerfile_cmd()))
@@ -267,3 +268,82 @@ def test_dockerignore_keeps_what_the_image_needs_and_drops_local_state() -> None
         assert not _ignored(needed, patterns), f"{needed} is copied by the Dockerfile but ignored"
     for local in (".venv", ".git", "model_dir", "runs", "backend/studio/__pycache__"):
         assert _ignored(local, patterns), f"{local} should stay out of the build context"
+
+
+# -- the GPU profile: docker-compose.gpu.yml layered over the base file --------------------------------------
+
+GPU_COMPOSE = ROOT / "docker-compose.gpu.yml"
+
+
+def merged(base: Any, override: Any) -> Any:
+    """Compose's merge of a later file over an earlier one for the keys these files use: mappings merge key by
+    key (environment, depends_on, services), anything else (a command, a list of profiles) is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = merged(base[key], value) if key in base else value
+        return out
+    return override
+
+
+def load_gpu(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    both = merged(yaml.safe_load(COMPOSE.read_text()), yaml.safe_load(GPU_COMPOSE.read_text()))
+    return resolved(both, env or {})
+
+
+def active(compose: dict[str, Any], profiles: set[str] = frozenset()) -> dict[str, Any]:
+    """The services Compose starts with these profiles active (no profile: those without ``profiles``)."""
+    return {name: s for name, s in compose["services"].items()
+            if not s.get("profiles") or set(s["profiles"]) & profiles}
+
+
+def vllm_args(service: dict[str, Any]) -> dict[str, str]:
+    command = [str(c) for c in service["command"]]
+    return dict(zip(command[::2], command[1::2], strict=True))
+
+
+def test_the_gpu_profile_starts_vllm_instead_of_the_cpu_llm() -> None:
+    compose = load_gpu()
+    assert set(active(compose)) == {"label-studio", "vllm", "backend"}
+    assert set(active(load())) == {"label-studio", "llm", "backend"}  # the base file alone is unchanged
+    # The backend still names the CPU server as a dependency: Compose refuses that for a left-out service
+    # unless the dependency is optional.
+    for name, dependency in compose["services"]["backend"]["depends_on"].items():
+        assert name in active(compose) or dependency.get("required") is False, name
+
+
+def test_the_gpu_backend_asks_the_vllm_service_for_the_model_it_serves() -> None:
+    for env in ({}, {"HCC_LLM_MODEL": "llama-3.1-8b", "HCC_VLLM_MODEL": "meta-llama/Llama-3.1-8B-Instruct"}):
+        services = load_gpu(env)["services"]
+        backend, args = env_of(services["backend"]), vllm_args(services["vllm"])
+        url = urlsplit(backend["HCC_LLM_BASE_URL"])
+        assert url.hostname == "vllm" and url.port == int(args["--port"]) and url.path.rstrip("/") == "/v1"
+        assert args["--host"] == "0.0.0.0", "on 127.0.0.1 vLLM is unreachable from the backend's container"
+        assert backend["HCC_LLM_MODEL"] == args["--served-model-name"]
+        assert env.get("HCC_VLLM_MODEL", args["--model"]) == args["--model"]
+
+
+def test_the_gpu_backend_settings_are_ones_it_reads_and_accepts(monkeypatch) -> None:
+    from backend.studio.settings import Settings
+
+    backend = env_of(load_gpu()["services"]["backend"])
+    assert set(backend) - names_the_backend_reads() == set()
+    for name, value in backend.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()  # a bad structured mode or cap would raise here, naming the variable
+    assert settings.llm_structured == "json_schema"
+    # The cap keeps vLLM's batch full without queueing past it.
+    assert 1 < settings.llm_concurrency <= int(vllm_args(load_gpu()["services"]["vllm"])["--max-num-seqs"])
+
+
+def test_the_gpu_service_reserves_the_gpus_and_keeps_its_weights_in_a_volume() -> None:
+    compose = load_gpu()
+    vllm = compose["services"]["vllm"]
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "ports" not in vllm  # reached by service name; a server without auth stays off the host's ports
+    assert mounts(vllm)["/root/.cache/huggingface"] in set(compose["volumes"])
+    # The Hub token goes to vLLM only, never to the backend or Label Studio.
+    gpu = load_gpu({"HF_TOKEN": "hf_secret"})["services"]
+    holders = {name for name, s in gpu.items() if "hf_secret" in json.dumps(s)}
+    assert holders == {"vllm"}
