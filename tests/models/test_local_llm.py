@@ -158,6 +158,18 @@ def test_server_start_failure_reports_the_log(tmp_path: Path, unused_port: int) 
 
 
 @pytest.mark.llm
+def test_the_llama_cpp_build_is_the_portable_one() -> None:
+    """scripts/install.sh builds llama.cpp for an x86-64 baseline (AVX2, FMA, F16C). A -march=native build on
+    a CPU with AMX compiled in AMX kernels that crashed every completion (general protection fault in
+    libggml-cpu) in a VM that does not grant AMX state; a native wheel may also be reused on another CPU."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    info = llama_cpp.llama_print_system_info().decode()
+    features = dict(re.findall(r"(\w+) = (\d)", info))
+    assert features, f"no feature list in llama.cpp's system info: {info!r}"
+    beyond = sorted(k for k, v in features.items() if v == "1" and k.startswith(("AMX", "AVX512")))
+    assert beyond == [], f"llama.cpp was built for this CPU, not the portable baseline: {info}"
+
+
 def test_server_answers_with_a_label_from_the_schema_enum(llm_server: str) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=llm_server, api_key="not-needed")
