@@ -19,8 +19,16 @@ one seeded sample of ``small.jsonl`` (``--items``; the same items for every row 
 LLM answers are cached on disk (``$HCC_CACHE_DIR``), so a re-run replays them at no LLM cost; the table's
 LLM cost is the questions each row asks per evaluated item (anchor questions included).
 
+``--train`` measures what a project that trained its encoder gets (``hcc annotate``'s default, *Start
+training* in Label Studio): per draw the encoder is fine-tuned on the draw's anchors
+(``backend/labelling/training.py``, adopted only where its held-out anchors prove it; trained models are
+cached under ``$HCC_CACHE_DIR/trained``), and the rows are the frozen encoder alone (the baseline), the
+trained encoder alone, the default's encoder over it and the default (views pooled) over it.
+
     .venv/bin/python bench/views.py --llm-base-url http://127.0.0.1:8081/v1      # after `hcc llm serve`
     .venv/bin/python bench/views.py --no-llm --budgets 0.01,0.05,0.1 --draws 5   # encoder rows only
+    .venv/bin/python bench/views.py --train --llm-base-url http://127.0.0.1:8081/v1 \
+        --out bench/results/views_trained.json
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from backend.config import DEFAULT_LLM_MODEL, cache_dir  # noqa: E402
 from backend.labelling.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
 from backend.labelling.llm import LLMAnnotator  # noqa: E402
 from backend.labelling.pipeline import HCCConfig, HCCPipeline  # noqa: E402
+from backend.labelling.training import train_encoder  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clusterllm_nlu"
 DATASETS = ("banking77", "clinc", "massive_scenario", "mtop_intent")
@@ -73,13 +82,17 @@ def main() -> None:
     ap.add_argument("--llm-base-url")
     ap.add_argument("--llm-model", default=DEFAULT_LLM_MODEL)
     ap.add_argument("--no-llm", action="store_true")
+    ap.add_argument("--train", action="store_true",
+                    help="train the encoder on each draw's anchors; rows over the trained encoder")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "views.json")
     ap.add_argument("--report", nargs="*", type=Path, metavar="JSON",
                     help="print the table of earlier results (these files, or --out) and run nothing")
     args = ap.parse_args()
     if args.report is not None:
         for path in args.report or [args.out]:
-            print(f"{path.name}:\n\n{markdown(json.loads(path.read_text()))}\n")
+            data = json.loads(path.read_text())
+            table = markdown_trained(data) if data.get("meta", {}).get("train") else markdown(data)
+            print(f"{path.name}:\n\n{table}\n")
         return
     if not args.no_llm and not args.llm_base_url:
         ap.error("give --llm-base-url (e.g. from `hcc llm serve`) or --no-llm")
@@ -87,12 +100,13 @@ def main() -> None:
     encoder = Encoder(args.encoder, cache_dir=cache / "embeddings", show_progress=False)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results.setdefault("runs", {})
-    results["meta"] = {"encoder": args.encoder, "llm": None if args.no_llm else args.llm_model, "items": args.items}
+    results["meta"] = {"encoder": args.encoder, "llm": None if args.no_llm else args.llm_model, "items": args.items,
+                       "train": args.train}
     for name in args.datasets.split(","):
         run_dataset(name, args, encoder, cache, results["runs"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-    print(markdown(results))
+    print(markdown_trained(results) if args.train else markdown(results))
 
 
 def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> None:
@@ -107,7 +121,7 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
         return LLMAnnotator(labels, base_url=args.llm_base_url, model=args.llm_model, cache_dir=cache / "llm",
                             concurrency=2)
 
-    if llm_budgets:
+    if llm_budgets and not args.train:  # draw-independent: the frozen runs' table has it
         key = f"{name}|zero_shot"
         if key not in runs:
             llm = annotator()
@@ -119,6 +133,10 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
     for budget in (float(b) for b in args.budgets.split(",")):
         for draw in range(args.draws):
             anchors = random.Random(draw).sample(large, round(budget * len(large)))
+            if args.train:
+                run_trained_draw(name, budget, draw, anchors, texts, gold, labels, args, encoder, cache, runs,
+                                 annotator if budget in llm_budgets else None)
+                continue
             rows = {"encoder": (HCCConfig(classifier="centroid", transductive=False), False),
                     "encoder, no label names": (HCCConfig(classifier="centroid", label_prototypes=False,
                                                           transductive=False), False),
@@ -154,6 +172,54 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
                 runs[key] = run
                 print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} "
                       f"({seconds:.0f} s)", file=sys.stderr)
+
+
+def run_trained_draw(name: str, budget: float, draw: int, anchors: list[dict], texts: list[str], gold: list[str],
+                     labels: list[str], args, frozen: Encoder, cache: Path, runs: dict, annotator) -> None:
+    """One draw of ``--train``: the encoder fitted to the draw's anchors (or the frozen one where training
+    was not adopted), then the rows over it; ``annotator`` (None: no LLM row) makes the default's LLM."""
+    prefix = f"{name}|{budget}|{draw}"
+    rows = {"encoder": (HCCConfig(classifier="centroid", transductive=False), False),
+            "trained encoder": (HCCConfig(classifier="centroid", transductive=False), False),
+            "trained, the default's encoder": (HCCConfig(), False)}
+    if annotator is not None:
+        rows["default"] = (DEFAULT, True)
+    if all(f"{prefix}|{row}|{args.encoder}" in runs for row in rows):
+        return
+    anchor_texts, anchor_labels = [a["input"] for a in anchors], [a["label"] for a in anchors]
+    training = train_encoder(args.encoder, anchor_texts, anchor_labels, trained_dir=cache / "trained")
+    print(f"{name} {budget:.0%} draw {draw} training: {training.reason}{' (reused)' if training.reused else ''}",
+          file=sys.stderr)
+    trained = (Encoder(training.model_path, cache_dir=cache / "embeddings", show_progress=False)
+               if training.adopted else frozen)
+    small = read_jsonl(DATA / name / "small.jsonl")
+    for row, (config, with_llm) in rows.items():
+        key = f"{prefix}|{row}|{args.encoder}"
+        if key in runs:
+            continue
+        encoder = frozen if row == "encoder" else trained
+        llm = annotator() if with_llm else None
+        pipeline = HCCPipeline(encoder, labels, llm=llm, config=config)
+        pipeline.set_anchors(anchor_texts, anchor_labels)
+        t0 = time.perf_counter()
+        if config.transductive:
+            pipeline.refine(encoder.encode([r["input"] for r in small]))
+        result = pipeline.annotate(texts)
+        run = {"accuracy": accuracy([r["label"] for r in result.records], gold),
+               "seconds": time.perf_counter() - t0, "anchors": len(anchors),
+               "classifier": result.report["classifier"]["method"],
+               "training": {"adopted": training.adopted, "seconds": training.seconds, "steps": training.steps,
+                            "reason": training.reason}}
+        if with_llm:
+            run["llm"] = llm.stats.as_dict()
+            run["questions_per_item"] = questions_per_item(result.report, config, len(texts))
+            run["stages"] = result.report["stages"]
+            run["combination"] = result.report.get("combination")
+        if "transductive" in result.report:
+            run["transductive"] = result.report["transductive"]
+        runs[key] = run
+        print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} ({run['seconds']:.0f} s)",
+              file=sys.stderr)
 
 
 def questions_per_item(report: dict, config: HCCConfig, items: int) -> float:
@@ -216,6 +282,47 @@ def markdown(results: dict) -> str:
             f"| {f'{sum(adopted)} of {len(adopted)}' if adopted else '-'} "
             f"| {f'{statistics.mean(questions):.2f}' if questions else '-'} "
             f"| {f'{paper[1]:.2f} / {paper[2]:.2f}' if paper and budget == '0.05' else '-'} |")
+    return "\n".join(lines)
+
+
+def markdown_trained(results: dict) -> str:
+    """``--train``'s table: per data set and budget, the frozen encoder alone, the trained encoder alone, the
+    default's encoder over it and the default over it (mean (min-max) over the draws), with paired gains."""
+    cells: dict[tuple[str, str], dict[str, dict[int, dict]]] = {}
+    for key, run in results["runs"].items():
+        parts = key.split("|")
+        if len(parts) == 5:
+            cells.setdefault((parts[0], parts[1]), {}).setdefault(parts[3], {})[int(parts[2])] = run
+    lines = ["| data set | anchors | draws | encoder alone (frozen) | trained encoder alone | trained, the default's "
+             "encoder | **default over the trained encoder** | default - frozen encoder (paired) | default - "
+             "trained default's encoder (the LLM's share) | training adopted | training s, mean | LLM adopted | "
+             "LLM questions / item | paper, Llama-3-8B HCC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def paired(rows: dict, a: str, b: str) -> str:
+        gains = [100 * (rows[a][d]["accuracy"] - rows[b][d]["accuracy"]) for d in rows.get(a, {})
+                 if d in rows.get(b, {})]
+        return f"{round(statistics.mean(gains), 2) + 0.0:+.2f}" if gains else "-"
+
+    own = "trained, the default's encoder"
+    for (name, budget), rows in sorted(cells.items()):
+        acc = {row: [100 * r["accuracy"] for _, r in sorted(draws.items())] for row, draws in rows.items()}
+        trained = list(rows.get("trained encoder", {}).values())
+        default = list(rows.get("default", {}).values())
+        adopted = [bool((r.get("combination") or {}).get("llm_adopted")) for r in default]
+        seconds = [r["training"]["seconds"] or 0.0 for r in trained]
+        questions = [r["questions_per_item"] for r in default]
+        paper = PAPER.get(name)
+        cells_of_row = [
+            name, f"{float(budget):.0%}", str(len(acc.get("encoder", []))), _mean_spread(acc.get("encoder", [])),
+            _mean_spread(acc.get("trained encoder", [])), _mean_spread(acc.get(own, [])),
+            f"**{_mean_spread(acc.get('default', []))}**", paired(rows, "default", "encoder"),
+            paired(rows, "default", own), f"{sum(r['training']['adopted'] for r in trained)} of {len(trained)}",
+            f"{statistics.mean(seconds):.0f}" if seconds else "-",
+            f"{sum(adopted)} of {len(adopted)}" if adopted else "-",
+            f"{statistics.mean(questions):.2f}" if questions else "-",
+            f"{paper[2]:.2f}" if paper and budget == "0.05" else "-"]
+        lines.append("| " + " | ".join(cells_of_row) + " |")
     return "\n".join(lines)
 
 
