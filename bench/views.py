@@ -102,14 +102,18 @@ def main() -> None:
     results.setdefault("runs", {})
     results["meta"] = {"encoder": args.encoder, "llm": None if args.no_llm else args.llm_model, "items": args.items,
                        "train": args.train}
-    for name in args.datasets.split(","):
-        run_dataset(name, args, encoder, cache, results["runs"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: a long run stopped part-way keeps what it measured
         args.out.write_text(json.dumps(results, indent=1))
+
+    for name in args.datasets.split(","):
+        run_dataset(name, args, encoder, cache, results["runs"], save)
+        save()
     print(markdown_trained(results) if args.train else markdown(results))
 
 
-def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> None:
+def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict, save=lambda: None) -> None:
     large, small = read_jsonl(DATA / name / "large.jsonl"), read_jsonl(DATA / name / "small.jsonl")
     labels = sorted({r["label"] for r in large} | {r["label"] for r in small})
     sample = random.Random(1234).sample(small, min(args.items, len(small))) if args.items else small
@@ -135,7 +139,7 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
             anchors = random.Random(draw).sample(large, round(budget * len(large)))
             if args.train:
                 run_trained_draw(name, budget, draw, anchors, texts, gold, labels, args, encoder, cache, runs,
-                                 annotator if budget in llm_budgets else None)
+                                 annotator if budget in llm_budgets else None, save)
                 continue
             rows = {"encoder": (HCCConfig(classifier="centroid", transductive=False), False),
                     "encoder, no label names": (HCCConfig(classifier="centroid", label_prototypes=False,
@@ -170,12 +174,14 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict) -> N
                     run["transductive"] = result.report["transductive"]
                 run["classifier"] = result.report["classifier"]["method"]
                 runs[key] = run
+                save()
                 print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} "
                       f"({seconds:.0f} s)", file=sys.stderr)
 
 
 def run_trained_draw(name: str, budget: float, draw: int, anchors: list[dict], texts: list[str], gold: list[str],
-                     labels: list[str], args, frozen: Encoder, cache: Path, runs: dict, annotator) -> None:
+                     labels: list[str], args, frozen: Encoder, cache: Path, runs: dict, annotator,
+                     save=lambda: None) -> None:
     """One draw of ``--train``: the encoder fitted to the draw's anchors (or the frozen one where training
     was not adopted), then the rows over it; ``annotator`` (None: no LLM row) makes the default's LLM."""
     prefix = f"{name}|{budget}|{draw}"
@@ -218,6 +224,7 @@ def run_trained_draw(name: str, budget: float, draw: int, anchors: list[dict], t
         if "transductive" in result.report:
             run["transductive"] = result.report["transductive"]
         runs[key] = run
+        save()
         print(f"{name} {budget:.0%} draw {draw} {row}: {100 * run['accuracy']:.2f} ({run['seconds']:.0f} s)",
               file=sys.stderr)
 
