@@ -57,6 +57,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from report import machine  # noqa: E402
 
 from backend.models.local_llm import free_port  # noqa: E402
 from backend.studio import launch  # noqa: E402
@@ -857,7 +860,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         stored = stored_anchors(Path(env["MODEL_DIR"]), project.id)
         ops = load.calls
         return {
-            "machine": "2 vCPU AMD EPYC, 24 GB, no GPU (shared with other work)",
+            "machine": machine() + " (shared with other work)",
             "code": measured_code(), "seed": args.seed, "quick": args.quick,
             "tasks": args.tasks, "anchor_tasks": n_anchors, "review_pool": len(review_pool),
             "llm_delay_s": args.llm_delay, "webhook_rate_per_s": args.webhook_rate, "windows": asdict(windows),

@@ -6,8 +6,28 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+
+def machine() -> str:
+    """This machine as a results file records it: CPU model, cores, memory (read, not assumed: the
+    development machine has changed under the project more than once)."""
+    model, mem_gb = "unknown CPU", None
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 2**20)
+                break
+    except OSError:
+        pass
+    memory = f", {mem_gb} GB" if mem_gb else ""
+    return f"{os.cpu_count()} vCPU {model}{memory}, no GPU"
 
 
 def pct(x: float | None) -> str:

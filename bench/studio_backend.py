@@ -32,6 +32,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import machine  # noqa: E402
 
 from backend.studio import launch  # noqa: E402
 
@@ -111,7 +114,7 @@ def main() -> int:
     labels = sorted({r["category"] for r in train})
     config = _config(labels)
     work = Path(tempfile.mkdtemp(prefix="hcc-bench-studio-"))
-    results: dict = {"machine": "2 vCPU AMD EPYC, 24 GB, no GPU", "anchors": len(anchors), "llm": args.llm_model,
+    results: dict = {"machine": machine(), "anchors": len(anchors), "llm": args.llm_model,
                      "second_encoder": args.second_encoder or None}
 
     from label_studio_sdk import LabelStudio
