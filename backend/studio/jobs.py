@@ -116,6 +116,11 @@ class JobQueue:
         with self._lock:
             return len(self._waiting)
 
+    def waiting(self, key: str) -> bool:
+        """Whether the job ``key`` is queued and has not started yet."""
+        with self._lock:
+            return key in self._waiting
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 

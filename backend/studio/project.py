@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 LLM_RETRY_SECONDS = 60.0  # after the LLM failed, requests are answered without it for this long
 TRUSTED_STAGES = ("consistent",)  # records whose label joins the DCCA reference set of later batches
+#: Records of one label a DCCA vote uses at most (the newest): the vote's cost stays bounded as a project grows.
+REFERENCE_PER_LABEL = 200
 NOT_FLAGGED = ("consistent", "encoder_only")  # "combined" (the pooled views disagreed) is flagged
 
 
@@ -158,13 +160,19 @@ class ReferenceSet:
     (:meth:`ProjectStore.items_since`: writes of other workers included), so a request reads and encodes what
     changed, not the whole project. Arrays handed out are never written again (a run may still use them while
     the next request updates the set): rows are appended past them, and a removal builds new arrays.
+
+    A vote uses at most ``per_label`` records of each label, the newest: so a request's vote costs the same in
+    a project of 1,000 records as in one of 100,000 (every record scanned made DCCA's /predict 4.7x slower at
+    100k than at 1k, docs/benchmarks.md). The newest are kept since they were labelled with anchors closest to
+    the current ones; a class centroid over 200 of them moves by a fraction of its items' spread.
     """
 
     FIELDS = ("stage", "label", "text")
 
-    def __init__(self, encoder: Any, index_of: dict[str, int]) -> None:
+    def __init__(self, encoder: Any, index_of: dict[str, int], *, per_label: int = REFERENCE_PER_LABEL) -> None:
         self.encoder = encoder  # the vectors are this encoder's: another one needs another set
         self.index_of = index_of
+        self.per_label = per_label
         self.rows_read = 0  # records read from the store so far: the work the updates cost
         self._clear()
         self._anchor_revision: int | None = None
@@ -177,19 +185,23 @@ class ReferenceSet:
         self._rows: dict[int, int] = {}  # task id -> row
         self._vectors = np.zeros((0, 0), dtype=np.float32)  # rows [0, len(self._tasks)) are in use
         self._labels = np.zeros(0, dtype=np.int64)
+        self._by_label: dict[int, list[int]] = {}  # label -> its rows, oldest first
+        self._voting: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (rows, vectors, labels) of a vote
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def arrays(self, exclude: set[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors, label indices) without the rows of the tasks in ``exclude``."""
-        n = len(self._tasks)
-        vectors, labels = self._vectors[:n], self._labels[:n]
+        """(vectors, label indices) of the newest ``per_label`` rows of each label, without the rows of the
+        tasks in ``exclude`` (an excluded row leaves its place empty: a label may then have one row fewer)."""
+        if self._voting is None:  # built again only after a change: its cost is per label, not per record
+            rows = np.array(sorted(r for kept in self._by_label.values() for r in kept[-self.per_label:]), np.int64)
+            self._voting = rows, self._vectors[rows], self._labels[rows]
+        rows, vectors, labels = self._voting
         hit = [self._rows[t] for t in exclude if t in self._rows]
         if not hit:
             return vectors, labels
-        keep = np.ones(n, dtype=bool)
-        keep[hit] = False
+        keep = ~np.isin(rows, hit)
         return vectors[keep], labels[keep]
 
     def update(self, store: ProjectStore) -> None:
@@ -230,6 +242,10 @@ class ReferenceSet:
         self._tasks = [self._tasks[row] for row in keep]
         self._texts = [self._texts[row] for row in keep]
         self._rows = {task_id: row for row, task_id in enumerate(self._tasks)}
+        self._by_label = {}
+        for row, label in enumerate(self._labels[:len(self._tasks)].tolist()):
+            self._by_label.setdefault(label, []).append(row)
+        self._voting = None
 
     def _append(self, new: dict[int, tuple[str, int]]) -> None:
         if not new:
@@ -245,10 +261,12 @@ class ReferenceSet:
             self._vectors, self._labels = grown, labels
         self._vectors[n:n + k] = vectors
         self._labels[n:n + k] = [label for _, label in new.values()]
-        for row, (task_id, (text, _)) in enumerate(new.items(), start=n):
+        for row, (task_id, (text, label)) in enumerate(new.items(), start=n):
             self._rows[task_id] = row
             self._tasks.append(task_id)
             self._texts.append(text)
+            self._by_label.setdefault(label, []).append(row)
+        self._voting = None
 
 
 class ProjectModel:

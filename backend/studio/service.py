@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 PRELABEL_EVENTS = ("TASKS_CREATED",)
+META_SLICE = 200  # task meta written between two looks at the job queue (~1 min of PATCHes here)
 TRAINING_EVENTS = ("START_TRAINING",)
 PREDICT_MARGIN_SECONDS = 5.0  # of /predict's time kept for the encoder-only answer and the reply
 LATE_WRITE_DELAY_SECONDS = 5.0  # Label Studio stores a /predict answer's predictions within this
@@ -550,8 +551,14 @@ class HCCService:
             progress.advance(len(chunk), predicted=run.written)
         if not run.chunks:  # nothing to label: the threshold and the score's description are still the run's
             run.last_write = self._write(model, client, {}, existing)
-        # Every prediction and the review tab first: the meta is one PATCH per task, Label Studio's slowest write.
-        self._write_meta(store, client, meta)
+        # Every prediction and the review tab first: the meta is one PATCH per task, Label Studio's slowest write
+        # (~0.4 s each here: 15,000 flagged tasks of a 100,000-task project take most of an hour). A pre-label
+        # queued meanwhile (say, by the next import call) plans every task's meta again, so this one leaves it
+        # the meta not yet written rather than make it wait: the store marks a task's meta once it is written.
+        meta_left = self._write_meta(store, client, meta, yield_to=f"prelabel:{model.project_id}")
+        if meta_left:
+            log.info("project %s: the meta of %d tasks is left to the pre-label queued next", model.project_id,
+                     meta_left)
         n_cons = run.stages.get("consistent", 0)
         # CAI over the items both views labelled: every item in a DCCA run, the ones the LLM was asked in a pool
         answered = run.labelled if model.settings.hcc.combine == "dcca" else n_cons + run.stages.get("combined", 0)
@@ -562,6 +569,7 @@ class HCCService:
                 "cai": round(n_cons / (answered - n_cons + 1e-6), 4) if model.has_llm and answered else None,
                 **described,
                 "needs_review": run.needs_review, "predictions_written": run.written, "chunks": run.chunks,
+                "meta_left_to_the_next_job": meta_left,
                 "review_threshold": last.get("threshold"), "scores": last.get("scores")}
 
     def revote(self, model: ProjectModel) -> dict[str, Any]:
@@ -668,15 +676,21 @@ class HCCService:
         if not same or meta != had_meta:
             plan.marks[task_id] = (pid, written)
 
-    @staticmethod
-    def _write_meta(store: ProjectStore, client: StudioClient, pending: PendingMeta) -> None:
-        if not pending.metas:
-            return
-        store.update("job", step=f"writing the meta of {len(pending.metas)} tasks")
-        # Merged into each task's meta as it is right before its write, not the listing's (minutes old in a
-        # pre-label): Label Studio's PATCH replaces meta whole, and a key someone set since must not be lost.
-        client.update_meta(pending.metas, merge=True, owned=TASK_META_KEYS)
-        store.mark_written(pending.marks)
+    def _write_meta(self, store: ProjectStore, client: StudioClient, pending: PendingMeta, *,
+                    yield_to: str | None = None) -> int:
+        """Write the pending meta, ``META_SLICE`` tasks at a time; before each slice, stop if the job ``yield_to``
+        waits (it will write what is left). Returns the number of tasks whose meta was left unwritten."""
+        tasks = list(pending.metas)
+        for start in range(0, len(tasks), META_SLICE):
+            if yield_to is not None and self.jobs.waiting(yield_to):
+                return len(tasks) - start
+            part = tasks[start:start + META_SLICE]
+            store.update("job", step=f"writing the meta of {len(tasks)} tasks ({start} done)")
+            # Merged into each task's meta as it is right before its write, not the listing's (minutes old in a
+            # pre-label): Label Studio's PATCH replaces meta whole, and a key someone set since must not be lost.
+            client.update_meta({t: pending.metas[t] for t in part}, merge=True, owned=TASK_META_KEYS)
+            store.mark_written({t: pending.marks[t] for t in part if t in pending.marks})
+        return 0
 
 
 @dataclass

@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT
 
 from backend.studio import client as client_module
+from backend.studio import service as service_module
 from backend.studio.client import StudioClient
 from backend.studio.service import HCCService
 from backend.studio.settings import Settings
@@ -227,3 +228,31 @@ def test_a_lost_answer_to_a_single_prediction_or_the_review_tab_never_makes_a_se
     assert tab_fault.hits == 1
     tabs = [v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review"]
     assert [int(v.id) for v in tabs] == [tab]
+
+
+# -- issue 12: the task meta of a large project does not hold up the next import's pre-label -----------------
+def test_a_prelabel_queued_meanwhile_writes_the_meta_the_running_one_left(ls, proxy, service, monkeypatch):
+    """One PATCH per task makes the meta Label Studio's slowest write (most of an hour for the flagged tasks of
+    100,000). A pre-label queued while one runs (the next import call's webhook) plans every task's meta again,
+    so the running one leaves it the meta instead of making it wait; each task's meta is still written once."""
+    monkeypatch.setattr(service_module, "META_SLICE", 2)
+    project_id = _project(ls, n_tasks=7)
+    model = service.model(project_id, CONFIG)
+    queued: list[bool] = []
+
+    def the_next_import_arrives(method: str, path: str) -> None:
+        if not queued:
+            queued.append(service.queue_prelabel(model))
+    proxy.on("POST", IMPORT, the_next_import_arrives)
+    service.queue_prelabel(model)
+    assert service.jobs.wait_idle(timeout=300)
+    assert queued == [True]
+    # A job begins by listing the project (its first pass asks for the count of annotations).
+    listings = [i for i, (method, path) in enumerate(proxy.seen) if method == "GET"
+                and path.startswith("/api/tasks/?") and "total_annotations" in path and "page=1" in path]
+    patches = [i for i, (method, path) in enumerate(proxy.seen) if method == "PATCH" and path.startswith("/api/tasks/")]
+    assert len(listings) == 2 and len(patches) == 7 and min(patches) > listings[1], proxy.seen
+    tasks = _unlabelled(ls, project_id)
+    assert all(t["meta"].get("hcc_stage") for t in tasks)
+    assert all(len(_versions(t, model.model_version)) == 1 for t in tasks)
+    assert model.store.get("last_run", {}).get("meta_left_to_the_next_job") == 0  # the second one wrote it all

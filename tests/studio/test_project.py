@@ -26,7 +26,9 @@ from backend.labelling.transductive import Refinement
 from backend.studio.labelconfig import ChoicesTarget
 from backend.studio.project import (
     NOT_FLAGGED,
+    REFERENCE_PER_LABEL,
     ProjectModel,
+    ReferenceSet,
     TaskDataError,
     annotation_label,
     review_score,
@@ -694,6 +696,36 @@ def test_the_reference_set_follows_every_change_another_worker_makes(tmp_path: P
     # Arrays handed to an earlier run are never written over while it may still use them.
     np.testing.assert_array_equal(held[0], kept[0])
     np.testing.assert_array_equal(held[1], kept[1])
+
+
+def test_a_vote_uses_the_newest_records_of_each_label_and_no_more(tmp_path: Path) -> None:
+    project = dcca_project(tmp_path, CountingEncoder())
+    project._references = ReferenceSet(project.pipeline.encoder, project.pipeline.index_of, per_label=5)
+    project.store.put_items(stored(40))  # 30 trusted, 10 of each label
+    project.store.put_items({1100 + i: {"text": f"later text {i}", "label": LABELS[i % 3], "stage": "consistent"}
+                             for i in range(6)})  # two more of each label, written last
+    newest = {label: [t for t in sorted(project.store.items()) if project.store.items()[t]["stage"] == "consistent"
+                      and project.store.items()[t]["label"] == label][-5:] for label in LABELS}
+    assert reference_rows(project._reference(exclude=set())) == from_tasks(project, sum(newest.values(), []))
+    # An excluded task (the batch's own) leaves its place empty rather than pulling in an older record.
+    held_out = newest[LABELS[0]][-1]
+    kept = [t for t in sum(newest.values(), []) if t != held_out]
+    assert reference_rows(project._reference(exclude={held_out})) == from_tasks(project, kept)
+
+
+def test_the_vote_reads_as_many_records_with_20000_stored_as_with_2000(tmp_path: Path) -> None:
+    sizes = []
+    for n in (2_000, 20_000):
+        project = dcca_project(tmp_path / str(n), CountingEncoder())
+        project.store.put_items(stored(n))
+        sizes.append(len(project._reference(exclude=set())[1]))
+    assert sizes[0] == sizes[1] == 3 * REFERENCE_PER_LABEL
+
+
+def from_tasks(project: ProjectModel, tasks: list[int]) -> list[tuple[int, float, float]]:
+    items = project.store.items()
+    vectors = project.pipeline.encoder.encode([items[t]["text"] for t in tasks])
+    return reference_rows((vectors, np.array([project.pipeline.index_of[items[t]["label"]] for t in tasks])))
 
 
 def test_a_pooled_project_reads_no_reference_set(tmp_path: Path) -> None:
