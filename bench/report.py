@@ -30,6 +30,14 @@ def machine() -> str:
     return f"{os.cpu_count()} vCPU {model}{memory}, no GPU"
 
 
+def save(results: dict, out: Path | None, *, shown: dict | None = None) -> None:
+    """Print ``shown`` (else ``results``) as JSON, and write ``results`` to ``out`` when given."""
+    print(json.dumps(results if shown is None else shown, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 

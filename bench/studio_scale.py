@@ -28,10 +28,13 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine  # noqa: E402
+from report import machine, save  # noqa: E402
+from served_llm import RateSampler, ServedLLM  # noqa: E402
 from studio_backend import TOKEN, _annotated, _config, _rows, _rss_mb  # noqa: E402
+from studio_writes import FLAG  # noqa: E402
 
 from backend.studio import launch  # noqa: E402
+from backend.studio.settings import Settings  # noqa: E402
 
 IMPORT_BATCH = 5000
 
@@ -76,12 +79,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=10_000)
     ap.add_argument("--task-meta", default="flagged", help="HCC_TASK_META of the backend")
-    ap.add_argument("--chunk", type=int, default=5000, help="HCC_PRELABEL_CHUNK of the backend")
+    ap.add_argument("--chunk", type=int, default=None, help="HCC_PRELABEL_CHUNK of the backend (its default: unset)")
+    ap.add_argument("--memory-efficient-import", action="store_true",
+                    help=f"start Label Studio with {FLAG}=true (off by default in Label Studio 1.23.2)")
     ap.add_argument("--import-batch", type=int, default=IMPORT_BATCH,
                     help="tasks per import call (each call's webhook queues a pre-label; one call = one webhook)")
     ap.add_argument("--stop-at-meta", action="store_true",
                     help="stop once every prediction is written and the job writes the task meta (one PATCH per "
                          "flagged task: hours at 100,000 tasks)")
+    ap.add_argument("--llm-delay", type=float, default=None,
+                    help="also an OpenAI-compatible stand-in for a served LLM cluster answering after this many "
+                         "seconds, any number at once (bench/served_llm.py); default: encoder only")
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -94,19 +102,31 @@ def main() -> int:
     config = _config(sorted({r["category"] for r in train}))
     work = Path(tempfile.mkdtemp(prefix="hcc-bench-scale-"))
     results: dict = {"machine": machine(), "tasks": args.tasks, "anchors": len(anchors),
-                     "task_meta": args.task_meta, "chunk": args.chunk, "import_batch": args.import_batch,
+                     "task_meta": args.task_meta, "chunk": args.chunk or Settings().prelabel_chunk,
+                     "import_batch": args.import_batch,
                      "backend": "encoder only (MiniLM)"}
     from label_studio_sdk import LabelStudio
 
+    ls_env = {FLAG: "true"} if args.memory_efficient_import else {}
+    results["label_studio_env"] = ls_env
     ls_service = launch.start_label_studio(data_dir=work / "ls", username="bench@example.com",
-                                           password="bench-pass", token=TOKEN)
-    services = [ls_service]
+                                           password="bench-pass", token=TOKEN, extra_env=ls_env)
+    services: list = [ls_service]
     try:
+        llm_env = {"HCC_LLM_BASE_URL": ""}
+        if args.llm_delay is not None:  # answers every text's label: a strong view the pool keeps asking
+            llm = ServedLLM(delay=args.llm_delay, answers={r["text"]: r["category"] for r in train + test},
+                            work=work)
+            services.append(llm)
+            llm_env = {"HCC_LLM_BASE_URL": llm.url, "HCC_LLM_MODEL": "served-stand-in"}
+            results["backend"] = f"encoder + an LLM stand-in answering after {args.llm_delay} s (bench/served_llm.py)"
+            results["llm_cap"] = Settings().llm_concurrency
         ls = LabelStudio(base_url=ls_service.url, api_key=TOKEN, timeout=600)
         backend = launch.start_backend({"LABEL_STUDIO_URL": ls_service.url, "LABEL_STUDIO_API_KEY": TOKEN,
                                         "LOG_LEVEL": "WARNING", "MODEL_DIR": str(work / "model_dir"),
-                                        "HCC_LLM_BASE_URL": "", "HCC_TASK_META": args.task_meta,
-                                        "HCC_PRELABEL_CHUNK": str(args.chunk)}, log=work / "backend.log")
+                                        **llm_env, "HCC_TASK_META": args.task_meta,
+                                        **({"HCC_PRELABEL_CHUNK": str(args.chunk)} if args.chunk else {})},
+                                       log=work / "backend.log")
         services.append(backend)
         project = ls.projects.create(title="bench scale", label_config=config)
         ls.ml.create(url=backend.url, project=project.id, title="hcc")
@@ -114,6 +134,7 @@ def main() -> int:
         wait_idle(backend.url, project.id, timeout=600)
 
         texts = texts_for(args.tasks, pool)
+        sampler = RateSampler(services[1]) if args.llm_delay is not None else None
         t_start = time.perf_counter()
         for start in range(0, len(texts), args.import_batch):
             batch = texts[start:start + args.import_batch]
@@ -133,6 +154,8 @@ def main() -> int:
             round(time.perf_counter() - t0, 1))
         results["job_done_s"] = None if args.stop_at_meta else round(time.perf_counter() - t0, 1)
         results["timeline"] = timeline
+        if sampler is not None:  # from the import on
+            results.update(sampler.summary())
         results["last_run"] = final.get("last_run")
         results["backend_peak_rss_mb"] = _rss_mb(backend.pid)
         version = ls.projects.get(id=project.id).model_version
@@ -143,15 +166,14 @@ def main() -> int:
         predicted = sum(any(p.get("model_version") == version for p in t.get("predictions") or [])
                         for t in rows if not t.get("total_annotations"))
         results["tasks_with_a_prediction"] = predicted
+        results["tasks_with_two_predictions_of_the_version"] = sum(
+            sum(p.get("model_version") == version for p in t.get("predictions") or []) > 1 for t in rows)
         tabs = [v for v in ls.views.list(project=project.id) if (v.data or {}).get("title") == "Needs review"]
         results["review_tab"] = bool(tabs)
     finally:
         for service in reversed(services):
             service.stop()
-    print(json.dumps({k: v for k, v in results.items() if k != "timeline"}, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save(results, args.out, shown={k: v for k, v in results.items() if k != "timeline"})
     return 0
 
 

@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 
 REVIEW_TAB_TITLE = "Needs review"
 PAGE_SIZE = 500
-# Predictions per bulk import call. Label Studio 1.23 spends a cost per call that grows with the predictions
-# already in the project (0.8-2 ms each on its SQLite server: measured, 2,000 predictions took 9-12 s as one call
-# and 41-42 s as four calls of 500 into a project holding 4,000-6,000), so a chunk goes as one call.
-WRITE_BATCH = 5000
+# Predictions per bulk import call at most. Label Studio 1.23.2 recounts every task of the project after each
+# call (unless its memory-efficient import flag is on): measured on its SQLite server, 16 s at 25,000 tasks and
+# 40 s at 50,000 whatever the call's size (bench/studio_writes.py), so a chunk goes as one call. ~200 bytes per
+# prediction: a proxy's smaller body cap (nginx's is 1 MB) answers 413, and the client then keeps to the size
+# that went through.
+WRITE_BATCH = 20000
 # The least time an import call is given before its answer counts as lost (that cost is minutes at 100,000
 # predictions). A lost answer is read back before anything is sent again, so a timeout never duplicates a
 # prediction, but it costs a round.
@@ -95,6 +97,12 @@ class StudioClient:
 
         self.url = url.rstrip("/")
         self.concurrency = concurrency
+        # The most predictions per import call a proxy let through, once one refused a larger body (413).
+        self.body_cap: int | None = None
+        # (predictions, seconds) of each import call, for the pre-label's chunk sizes.
+        self.import_calls: list[tuple[int, float]] = []
+        # (predictions, seconds) of each create_predictions (single creates, ``concurrency`` at a time).
+        self.create_calls: list[tuple[int, float]] = []
         self.import_timeout = import_timeout if import_timeout is not None else max(timeout, IMPORT_TIMEOUT)
         # The SDK checks a personal access token (a JWT) as it is built: an expired one raises here, and must
         # be the same clear StudioError as any other refusal, not an exception of the SDK's own.
@@ -164,8 +172,12 @@ class StudioClient:
         others, a bounded number of times with growing pauses. A refusal (400, 401, 404) is raised at once.
         The PATCHes and reads elsewhere are idempotent and keep the SDK's retries.
         """
-        for start in range(0, len(predictions), WRITE_BATCH):
-            self._import_batch(project_id, predictions[start:start + WRITE_BATCH])
+        start = 0
+        while start < len(predictions):
+            # Read before each call: a 413 in the last one lowered it.
+            batch = min(WRITE_BATCH, self.body_cap or WRITE_BATCH)
+            self._import_batch(project_id, predictions[start:start + batch])
+            start += batch
 
     import_backoff = 1.0  # seconds before the first read-back of a failed batch, doubled each round (tests shorten it)
 
@@ -178,26 +190,41 @@ class StudioClient:
             if getattr(exc.__cause__, "status_code", None) != 413 or len(batch) < 2:
                 raise
             half = len(batch) // 2
+            self.body_cap = min(half, self.body_cap or half)
             log.warning("project %s: %d predictions in one call are too large for Label Studio or its proxy "
                         "(413); sending them in two calls", project_id, len(batch))
             self._import_batch(project_id, batch[:half])
             self._import_batch(project_id, batch[half:])
 
     def _send_one_import(self, project_id: int, batch: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
         self._send_missing(f"write {len(batch)} predictions to project {project_id}", batch,
                            lambda pending: self._sdk.projects.import_predictions(
                                id=project_id, request=pending,
                                request_options={**NO_RETRY, "timeout": self.import_timeout}))
+        self.import_calls.append((len(batch), time.perf_counter() - started))
 
-    def create_predictions(self, predictions: list[dict[str, Any]]) -> None:
+    def create_predictions(self, predictions: list[dict[str, Any]]) -> dict[int, int]:
         """Create predictions one by one (concurrently) through ``/api/predictions``, each at most once (a lost
-        answer is read back like a bulk import's)."""
+        answer is read back like a bulk import's); returns task id -> the id of each prediction whose answer
+        came (a task whose answer was lost is missing: read its id back). Each call costs its own prediction,
+        with none of the bulk import's per-call recount of the project."""
+        created: dict[int, int] = {}
+
         def one(pred: dict[str, Any]) -> None:
-            self._send_missing(f"write the prediction of task {pred['task']}", [pred], lambda pending: [
-                self._sdk.predictions.create(task=p["task"], result=p["result"], score=p["score"],
-                                             model_version=p["model_version"], request_options=NO_RETRY)
-                for p in pending])
+            def send(pending: list[dict[str, Any]]) -> None:
+                for p in pending:
+                    answer = self._sdk.predictions.create(task=p["task"], result=p["result"], score=p["score"],
+                                                          model_version=p["model_version"],
+                                                          request_options=NO_RETRY)
+                    if getattr(answer, "id", None) is not None:
+                        created[int(p["task"])] = int(answer.id)
+            self._send_missing(f"write the prediction of task {pred['task']}", [pred], send)
+        started = time.perf_counter()
         self._parallel(one, predictions)
+        if predictions:
+            self.create_calls.append((len(predictions), time.perf_counter() - started))
+        return created
 
     def _send_missing(self, what: str, batch: list[dict[str, Any]], send: Callable[[list[dict[str, Any]]], Any],
                       ) -> None:

@@ -67,13 +67,15 @@ class Service:
 
 
 def start_label_studio(*, data_dir: Path, username: str, password: str, token: str, port: int = 0,
-                       timeout: float = 300, new_session: bool = False) -> Service:
+                       timeout: float = 300, new_session: bool = False,
+                       extra_env: dict[str, str] | None = None) -> Service:
     exe = Path(sys.executable).with_name("label-studio")
     if not exe.exists():
         raise RuntimeError("label-studio is not installed in this environment (pip install 'label-studio-hcc[studio]')")
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    env = label_studio_env(username=username, password=password, token=token, data_dir=data_dir)
+    env = {**label_studio_env(username=username, password=password, token=token, data_dir=data_dir),
+           **(extra_env or {})}
     log = data_dir / "label-studio.log"
     service = Service("Label Studio", [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port",
                                        str(port)], env=env, log=log, cwd=data_dir, url=f"http://127.0.0.1:{port}",

@@ -2,16 +2,19 @@
 
 A project of 100,000 tasks cannot wait for all of them to be labelled before the first prediction is written:
 the job labels and writes a chunk at a time: the first small (its predictions appear seconds after labelling
-begins), the next ones doubling up to ``HCC_PRELABEL_CHUNK`` (fewer round trips to Label Studio per task).
+begins), the next ones doubling up to ``HCC_PRELABEL_CHUNK`` (fewer round trips to Label Studio per task), or
+growing at once where Label Studio charges each write call a fixed cost.
 ``/status`` shows the tasks done, the rate and the time left.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
+
+import numpy as np
 
 from backend.studio.store import ProjectStore
 
@@ -23,16 +26,93 @@ FIRST_CHUNK = 250
 REFINE_SAMPLE = 5000
 ERRORS_KEPT = 20  # task errors a run's summary lists (it counts them all)
 
-T = TypeVar("T")
+#: The share of a write call that Label Studio's fixed cost per call may take: past it, chunks grow at once to
+#: the size that brings the fixed cost down to this share (a design bound, not a fitted value).
+FIXED_SHARE = 0.2
 
 
-def chunks(items: Sequence[T], *, first: int, largest: int) -> Iterator[list[T]]:
-    """``items`` in consecutive chunks of ``first``, twice that, ... up to ``largest`` each."""
-    size, start = max(1, min(first, largest)), 0
-    while start < len(items):
-        yield list(items[start:start + size])
-        start += size
-        size = min(size * 2, largest)
+class ChunkSizes:
+    """The size of each chunk of a pre-label: the first ``first``, each next twice the last, up to ``largest``;
+    and, once the import calls show that Label Studio charges each call a fixed cost, at once as large as keeps
+    that cost to ``FIXED_SHARE`` of a call.
+
+    Label Studio 1.23.2's bulk prediction import recounts the annotations and predictions of *every* task of the
+    project after each call (unless its memory-efficient import flag is on): 16 s at 25,000 tasks and 40 s at
+    50,000 whatever the call's size (docs/benchmarks.md, ``bench/studio_writes.py``). Chunks of a few thousand
+    then pay that cost 20 times over at 100,000 tasks. The calls' times are fitted as
+    ``seconds = fixed + per_item * n`` (least squares over the calls so far, which differ in size as the chunks
+    double); a call of ``n >= fixed * (1 - s) / (s * per_item)`` spends at most the share ``s`` on the fixed
+    part.
+    """
+
+    def __init__(self, *, first: int, largest: int) -> None:
+        self.largest = max(1, largest)
+        self.last: int | None = None
+        self.first = max(1, min(first, self.largest))
+        self.calls: list[tuple[int, float]] = []
+
+    def observe(self, n: int, seconds: float) -> None:
+        """An import call of ``n`` predictions took ``seconds``."""
+        if n > 0:
+            self.calls.append((n, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds per call, seconds per prediction) from the calls so far, or None while they cannot
+        tell the two apart (fewer than two sizes)."""
+        if len({n for n, _ in self.calls}) < 2:
+            return None
+        per_item, fixed = np.polyfit([n for n, _ in self.calls], [t for _, t in self.calls], 1)
+        return max(float(fixed), 0.0), max(float(per_item), 1e-9)
+
+    def next(self) -> int:
+        size = self.first if self.last is None else min(2 * self.last, self.largest)
+        fitted = self.fit()
+        if fitted is not None and fitted[0] > 0:
+            fixed, per_item = fitted
+            size = max(size, min(self.largest, math.ceil(fixed * (1 - FIXED_SHARE) / (FIXED_SHARE * per_item))))
+        self.last = size
+        return size
+
+
+#: Seconds one prediction costs through Label Studio's single create (``POST /api/predictions``, 4 at a time):
+#: 200 took 7.0-8.4 s on Label Studio 1.23.2 with SQLite, at every project size (bench/studio_writes.py). The
+#: guess until a job measures its own single creates; the store keeps what was measured.
+SINGLE_CREATE_S = 0.04
+
+
+def single_creates_cheaper(n: int, *, fixed: float, per_item: float, single: float) -> bool:
+    """Whether ``n`` predictions cost less as single creates (``single`` seconds each, no fixed cost) than as one
+    bulk import call (``fixed + per_item * n``: Label Studio's recount of the project, then its own share)."""
+    return n * single < fixed + per_item * n
+
+
+def import_costs(store: ProjectStore, sizes: ChunkSizes | None, n_tasks: int) -> tuple[float, float, float] | None:
+    """(fixed seconds of a bulk import call, seconds per prediction in it, seconds per single create) for a
+    project of ``n_tasks`` tasks: from this job's import calls when they tell, else from what earlier jobs
+    measured (the fixed cost scales with the project's tasks: Label Studio recounts every one); None when
+    nothing was measured yet."""
+    saved = store.get("write_costs") or {}
+    fitted = sizes.fit() if sizes is not None else None
+    if fitted is not None:
+        fixed, per_item = fitted
+    elif "fixed_per_task" in saved:
+        fixed, per_item = saved["fixed_per_task"] * n_tasks, saved["per_item"]
+    else:
+        return None
+    return fixed, per_item, saved.get("single", SINGLE_CREATE_S)
+
+
+def remember_import_costs(store: ProjectStore, sizes: ChunkSizes, n_tasks: int,
+                          creates: list[tuple[int, float]]) -> None:
+    """Keep what this job measured for the writes of later jobs (a re-vote, a late /predict, the next import)."""
+    saved = dict(store.get("write_costs") or {})
+    fitted = sizes.fit()
+    if fitted is not None and n_tasks:
+        saved.update(fixed_per_task=fitted[0] / n_tasks, per_item=fitted[1])
+    if creates:
+        saved["single"] = sum(t for _, t in creates) / sum(n for n, _ in creates)
+    if saved:
+        store.set("write_costs", saved)
 
 
 @dataclass

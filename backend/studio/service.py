@@ -32,7 +32,17 @@ from backend.labelling.training import TrainingError, train_encoder
 from backend.studio.client import StudioClient, StudioError, TaskRecord
 from backend.studio.jobs import MAX_RESUMES, JobQueue, ProcessLease, orphaned, project_lock, run_recorded
 from backend.studio.labelconfig import LabelConfigError, PairwiseTarget, classification_target, parse_label_config
-from backend.studio.prelabel import FIRST_CHUNK, REFINE_SAMPLE, ChunkProgress, PendingMeta, PrelabelRun, chunks
+from backend.studio.prelabel import (
+    FIRST_CHUNK,
+    REFINE_SAMPLE,
+    ChunkProgress,
+    ChunkSizes,
+    PendingMeta,
+    PrelabelRun,
+    import_costs,
+    remember_import_costs,
+    single_creates_cheaper,
+)
 from backend.studio.project import ProjectModel, Scores, TaskDataError, annotation_label, task_text, versioned
 from backend.studio.settings import Settings
 from backend.studio.store import Anchor, ProjectStore
@@ -539,16 +549,24 @@ class HCCService:
             model.refine_on(unlabelled[:REFINE_SAMPLE])
         existing = {t["id"]: t for t in tasks}
         run, llm_progress, meta = PrelabelRun(), self._progress(store), PendingMeta()
-        for chunk in chunks(unlabelled, first=FIRST_CHUNK, largest=self.settings.prelabel_chunk):
+        sizes, start, observed = ChunkSizes(first=FIRST_CHUNK, largest=self.settings.prelabel_chunk), 0, 0
+        while start < len(unlabelled):
+            chunk = unlabelled[start:start + sizes.next()]
+            start += len(chunk)
             progress.step(f"labelling {len(chunk)} tasks")
             records, errors = model.label(chunk, progress=llm_progress, refine=False)
             for error in errors.values():
                 log.warning("pre-label: %s", error)
             progress.step(f"writing {len(records)} predictions")
             written = self._write(model, client, records, existing, earlier=run.scores,
-                                  on_predictions=lambda n: progress.predicted(run.written + n), meta_later=meta)
+                                  on_predictions=lambda n: progress.predicted(run.written + n), meta_later=meta,
+                                  sizes=sizes)
             run.add(records, errors, written)
             progress.advance(len(chunk), predicted=run.written)
+            for n, seconds in client.import_calls[observed:]:  # the calls this chunk made
+                sizes.observe(n, seconds)
+            observed = len(client.import_calls)
+            remember_import_costs(store, sizes, len(tasks), client.create_calls)
         if not run.chunks:  # nothing to label: the threshold and the score's description are still the run's
             run.last_write = self._write(model, client, {}, existing)
         # Every prediction and the review tab first: the meta is one PATCH per task, Label Studio's slowest write
@@ -599,12 +617,13 @@ class HCCService:
     def _write(self, model: ProjectModel, client: StudioClient, records: dict[int, dict],
                tasks: dict[int, dict] | None, *, earlier: list[float] | None = None,
                on_predictions: Callable[[int], None] | None = None,
-               meta_later: PendingMeta | None = None) -> dict[str, Any]:
+               meta_later: PendingMeta | None = None, sizes: ChunkSizes | None = None) -> dict[str, Any]:
         """Create or update predictions whose content changed, switch model_version, meta, review tab.
         ``earlier``: the scores of the chunks this run wrote before (they join the flag threshold);
         ``on_predictions``: told how many predictions were written, once they are, before the task meta;
         ``meta_later``: collects the task meta instead of writing it (a pre-label writes every chunk's
-        predictions first, then the meta, the slow part)."""
+        predictions first, then the meta, the slow part); ``sizes``: the pre-label's chunk sizes, whose fit of
+        the import calls so far tells what a bulk import costs."""
         store, version = model.store, model.model_version
         known = store.written(list(records))
         scores = model.scores(records, earlier=earlier or ())
@@ -613,13 +632,14 @@ class HCCService:
             if record.get("label") is not None:
                 self._plan_task(plan, model, client, task_id, record, scores, known.get(task_id, (None, None)),
                                 tasks)
-        client.import_predictions(model.project_id, plan.new)
+        created = self._create(model, client, plan.new, sizes)
         client.update_predictions(plan.updates)
-        if plan.new:  # the bulk import does not return ids: read back those of these records' tasks, which
-            # also deletes their duplicates; a chunk reads its own tasks, not the project's
-            tracked = {pid for pid, _ in known.values() if pid is not None} | set(plan.updates)
-            ids = client.prediction_ids(model.project_id, version, keep=tracked, tasks=list(records))
-            plan.marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in plan.marks.items()}
+        if len(created) < len(plan.new):  # the bulk import does not return ids: read back those of these
+            # records' tasks, which also deletes their duplicates; a chunk reads its own tasks, not the project's
+            tracked = {pid for pid, _ in known.values() if pid is not None} | set(plan.updates) | set(created.values())
+            created = client.prediction_ids(model.project_id, version, keep=tracked, tasks=list(records))
+        if plan.new:
+            plan.marks = {t: (pid if pid is not None else created.get(t), w) for t, (pid, w) in plan.marks.items()}
         pending = PendingMeta(plan.metas, {t: plan.marks[t] for t in plan.metas})
         # A task's meta state is marked once its meta is written: a job stopped before that writes it again.
         store.mark_written({t: (pid, {**w, "meta": plan.had[t]}) if t in plan.metas else (pid, w)
@@ -640,6 +660,23 @@ class HCCService:
             self._write_meta(store, client, pending)
         return {"written": written, "needs_review": plan.needs_review, "threshold": scores.threshold,
                 "scores": scores.message, "values": list(scores.values.values())}
+
+    def _create(self, model: ProjectModel, client: StudioClient, new: list[dict[str, Any]],
+                sizes: ChunkSizes | None) -> dict[int, int]:
+        """Create ``new`` predictions by the cheaper of Label Studio's two ways, as measured: one bulk import call
+        (a fixed cost, the recount of the whole project, then a small cost each) or single creates (~40 ms each,
+        no fixed cost, and their ids come back). A few predictions into a large project (a re-vote, a late
+        /predict, an import of a few tasks) go one by one. Returns task -> prediction id, of the single creates."""
+        if not new:
+            return {}
+        costs = import_costs(model.store, sizes, model.store.count_tasks())
+        if costs is None or not single_creates_cheaper(len(new), fixed=costs[0], per_item=costs[1],
+                                                       single=costs[2]):
+            client.import_predictions(model.project_id, new)
+            return {}
+        log.info("project %s: %d predictions as single creates (a bulk import would cost ~%.0f s here)",
+                 model.project_id, len(new), costs[0] + costs[1] * len(new))
+        return client.create_predictions(new)
 
     def _plan_task(self, plan: _WritePlan, model: ProjectModel, client: StudioClient, task_id: int,
                    record: dict[str, Any], scores: Scores, known: tuple[int | None, dict | None],

@@ -24,7 +24,7 @@
 | ``HCC_REVIEW_THRESHOLD`` | flag threshold when calibration is off | ``0.5`` |
 | ``HCC_PRELABEL_ON_IMPORT`` | run the pipeline when tasks are imported | ``1`` |
 | ``HCC_TASK_META`` | tasks given the backend's meta keys: ``flagged``, ``all`` or ``off`` | ``flagged`` |
-| ``HCC_PRELABEL_CHUNK`` | tasks a pre-label labels and writes at a time at most (chunks grow to it) | ``5000`` |
+| ``HCC_PRELABEL_CHUNK`` | tasks a pre-label labels and writes at a time at most (chunks grow to it) | ``20000`` |
 | ``HCC_TRAIN`` | *Start training* fits the encoder to the anchors, then re-labels (``0``: re-labels only) | ``1`` |
 | ``HCC_TRAIN_EVERY`` | new annotations since the last training that queue one (``0``: *Start training*) | ``100`` |
 | ``HCC_TRAIN_MAX_STEPS`` | optimiser steps of one training at most (bounds its time) | ``400`` |
@@ -113,7 +113,7 @@ class Settings:
     target_precision: float = 0.95
     prelabel_on_import: bool = True
     task_meta: str = "flagged"  # flagged | all | off
-    prelabel_chunk: int = 5000  # the largest chunk a pre-label labels and writes before the next
+    prelabel_chunk: int = 20000  # the largest chunk a pre-label labels and writes before the next
     train: bool = True
     train_every: int = 100
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -147,7 +147,7 @@ class Settings:
             calibration=_flag("HCC_CALIBRATION", True),
             target_precision=float(env("HCC_TARGET_PRECISION", "") or 0.95),
             prelabel_on_import=_flag("HCC_PRELABEL_ON_IMPORT", True),
-            prelabel_chunk=_int("HCC_PRELABEL_CHUNK", 5000, minimum=1),
+            prelabel_chunk=_int("HCC_PRELABEL_CHUNK", 20000, minimum=1),
             task_meta=_choice("HCC_TASK_META", "flagged", TASK_META_POLICIES),
             train=_flag("HCC_TRAIN", True),
             train_every=_int("HCC_TRAIN_EVERY", 100, minimum=0),

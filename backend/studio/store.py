@@ -255,6 +255,11 @@ class ProjectStore:
                            deletions=int(json.loads(counters.get("items_deleted", "0"))),
                            rows={row[0]: dict(zip(fields, row[1:], strict=True)) for row in rows})
 
+    def count_tasks(self) -> int:
+        """Tasks the store knows of: those with a record and those with an anchor."""
+        return int(self._db().execute("SELECT COUNT(*) FROM (SELECT task_id FROM items UNION "
+                                      "SELECT task_id FROM anchors)").fetchone()[0])
+
     def items(self) -> dict[int, dict[str, Any]]:
         rows = self._db().execute("SELECT task_id, record FROM items ORDER BY task_id")
         return {task_id: json.loads(record) for task_id, record in rows}

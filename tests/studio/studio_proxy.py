@@ -14,7 +14,7 @@ change a task through Label Studio's API between a client's read and its write. 
 (``proxy.rewrite(method, pattern, fn)``) passes each matching answer's body through ``fn`` (bytes to bytes), to
 serve what another Label Studio version might answer. A body cap (``proxy.cap_body(method, pattern, n)``)
 answers 413 without forwarding a matching request whose body exceeds ``n`` bytes, as nginx's
-``client_max_body_size`` does. ``proxy.seen`` logs every
+``client_max_body_size`` does (``proxy.refused`` counts them). ``proxy.seen`` logs every
 request as ``(method, path)``; ``proxy.count(...)`` counts them. Headers are never logged (they carry the key).
 
 Usage::
@@ -74,6 +74,7 @@ class StudioProxy:
         self._hooks: list[tuple[str, re.Pattern[str], Hook]] = []
         self._rewrites: list[tuple[str, re.Pattern[str], Rewrite]] = []
         self._caps: list[tuple[str, re.Pattern[str], int]] = []
+        self.refused = 0  # requests answered 413 by a body cap
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True
@@ -112,7 +113,9 @@ class StudioProxy:
 
     def too_large(self, method: str, path: str, body: bytes | None) -> bool:
         with self._lock:
-            return any(m == method and rx.search(path) and len(body or b"") > n for m, rx, n in self._caps)
+            refused = any(m == method and rx.search(path) and len(body or b"") > n for m, rx, n in self._caps)
+            self.refused += refused
+            return refused
 
     def clear(self) -> None:
         """Disarm every fault, hook, rewrite and body cap; forget the request log."""
@@ -122,6 +125,7 @@ class StudioProxy:
             self._rewrites.clear()
             self._caps.clear()
             self.seen.clear()
+            self.refused = 0
 
     def count(self, method: str, pattern: str) -> int:
         """Requests seen so far with this method and a path matching ``pattern``."""

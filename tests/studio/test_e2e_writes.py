@@ -145,6 +145,49 @@ def test_a_batch_too_large_for_the_proxy_goes_again_in_halves(ls, proxy, service
     assert proxy.count("POST", IMPORT) >= 3  # the whole refused, then at least two smaller calls
 
 
+def test_after_a_413_the_client_keeps_to_a_size_the_proxy_lets_through(ls, proxy, service, monkeypatch):
+    # A chunk goes as one call of up to WRITE_BATCH predictions; behind a proxy with a smaller body cap, each
+    # chunk would be refused whole before going in halves. The client learns the cap from the first refusal.
+    monkeypatch.setattr(client_module, "WRITE_BATCH", 100)
+    project_id = _project(ls)
+    one = len(json.dumps({"task": 1, "result": _choice(CLASSES[0]), "score": 0.5, "model_version": "x" * 40}))
+    proxy.cap_body("POST", IMPORT, 3 * one)
+    client = service.client()
+    predictions = [{"task": t["id"], "result": _choice(CLASSES[0]), "score": 0.5, "model_version": "first"}
+                   for t in _unlabelled(ls, project_id)]
+    client.import_predictions(project_id, predictions)
+    assert proxy.refused >= 1
+    refused, calls = proxy.refused, proxy.count("POST", IMPORT)
+    client.import_predictions(project_id, [{**p, "model_version": "second"} for p in predictions])
+    assert proxy.refused == refused  # nothing refused the second time
+    assert proxy.count("POST", IMPORT) - calls == -(-7 // client.body_cap)
+    tasks = _unlabelled(ls, project_id)
+    assert all(len(_versions(t, "first")) == 1 and len(_versions(t, "second")) == 1 for t in tasks)
+
+
+def test_a_few_predictions_where_an_import_call_is_dear_go_one_by_one_with_their_ids(ls, proxy, service):
+    # What an earlier job measured in a large project: each bulk import call costs Label Studio a recount of
+    # every task (here ~1 s a task), so 3 predictions go as single creates (~0.04 s each), which return ids.
+    project_id = _project(ls, n_tasks=3)
+    model = service.model(project_id, CONFIG)
+    model.store.set("write_costs", {"fixed_per_task": 1.0, "per_item": 0.0002, "single": 0.04})
+    version = _prelabel(service, project_id)
+    assert proxy.count("POST", IMPORT) == 0
+    assert proxy.count("POST", r"^/api/predictions/?$") == 3
+    tasks = _unlabelled(ls, project_id)
+    assert all(len(_versions(t, version)) == 1 for t in tasks)
+    tracked = {t: pid for t, (pid, _) in model.store.written([t["id"] for t in tasks]).items()}
+    assert tracked == {t["id"]: _versions(t, version)[0] for t in tasks}
+    assert model.store.get("write_costs")["single"] > 0  # measured now, for the next write
+
+
+def test_without_a_measured_cost_predictions_go_as_one_bulk_import(ls, proxy, service):
+    project_id = _project(ls, n_tasks=3)
+    _prelabel(service, project_id)
+    assert proxy.count("POST", IMPORT) == 1
+    assert proxy.count("POST", r"^/api/predictions/?$") == 0
+
+
 def test_a_batch_that_keeps_failing_fails_the_write_after_bounded_attempts(ls, proxy, service):
     project_id = _project(ls, n_tasks=2)
     proxy.fault("POST", IMPORT, "502_before", times=100)
