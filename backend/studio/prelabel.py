@@ -88,15 +88,20 @@ def single_creates_cheaper(n: int, *, fixed: float, per_item: float, single: flo
 
 def import_costs(store: ProjectStore, sizes: ChunkSizes | None, n_tasks: int) -> tuple[float, float, float] | None:
     """(fixed seconds of a bulk import call, seconds per prediction in it, seconds per single create) for a
-    project of ``n_tasks`` tasks: from this job's import calls when they tell, else from what earlier jobs
-    measured (the fixed cost scales with the project's tasks: Label Studio recounts every one); None when
-    nothing was measured yet."""
+    project of ``n_tasks`` tasks: from this job's import calls when they tell, else from what an earlier job
+    measured; None when nothing was measured yet.
+
+    An earlier job's fixed cost is scaled down to a project that has fewer tasks now, never up: Label Studio's
+    recount grows with the tasks, but a fixed cost measured on a small project is mostly the request's own
+    overhead, and scaling that up would send a large write one by one (unbounded time) where one bulk call
+    costs a bounded recount. So a project that grew gets single creates only once a job measured it."""
     saved = store.get("write_costs") or {}
     fitted = sizes.fit() if sizes is not None else None
     if fitted is not None:
         fixed, per_item = fitted
-    elif "fixed_per_task" in saved:
-        fixed, per_item = saved["fixed_per_task"] * n_tasks, saved["per_item"]
+    elif "fixed" in saved:
+        scale = min(1.0, n_tasks / saved["tasks"]) if saved.get("tasks") else 1.0
+        fixed, per_item = saved["fixed"] * scale, saved["per_item"]
     else:
         return None
     return fixed, per_item, saved.get("single", SINGLE_CREATE_S)
@@ -107,8 +112,8 @@ def remember_import_costs(store: ProjectStore, sizes: ChunkSizes, n_tasks: int,
     """Keep what this job measured for the writes of later jobs (a re-vote, a late /predict, the next import)."""
     saved = dict(store.get("write_costs") or {})
     fitted = sizes.fit()
-    if fitted is not None and n_tasks:
-        saved.update(fixed_per_task=fitted[0] / n_tasks, per_item=fitted[1])
+    if fitted is not None:
+        saved.update(fixed=fitted[0], per_item=fitted[1], tasks=n_tasks)
     if creates:
         saved["single"] = sum(t for _, t in creates) / sum(n for n, _ in creates)
     if saved:

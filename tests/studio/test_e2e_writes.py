@@ -166,11 +166,11 @@ def test_after_a_413_the_client_keeps_to_a_size_the_proxy_lets_through(ls, proxy
 
 
 def test_a_few_predictions_where_an_import_call_is_dear_go_one_by_one_with_their_ids(ls, proxy, service):
-    # What an earlier job measured in a large project: each bulk import call costs Label Studio a recount of
-    # every task (here ~1 s a task), so 3 predictions go as single creates (~0.04 s each), which return ids.
+    # What an earlier job measured: each bulk import call costs Label Studio ~90 s (its recount of every task
+    # of a large project), so 3 predictions go as single creates (~0.04 s each), which return ids.
     project_id = _project(ls, n_tasks=3)
     model = service.model(project_id, CONFIG)
-    model.store.set("write_costs", {"fixed_per_task": 1.0, "per_item": 0.0002, "single": 0.04})
+    model.store.set("write_costs", {"fixed": 90.0, "tasks": 3, "per_item": 0.0002, "single": 0.04})
     version = _prelabel(service, project_id)
     assert proxy.count("POST", IMPORT) == 0
     assert proxy.count("POST", r"^/api/predictions/?$") == 3

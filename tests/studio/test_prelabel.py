@@ -83,15 +83,20 @@ def test_single_creates_win_only_where_the_call_s_fixed_cost_outweighs_them(n, f
     assert single_creates_cheaper(n, fixed=fixed, per_item=0.00015, single=0.04) is single_wins
 
 
-def test_a_job_s_measured_costs_carry_to_a_larger_project_by_its_tasks(tmp_path: Path) -> None:
+def test_a_job_s_measured_costs_carry_to_later_writes_scaled_down_never_up(tmp_path: Path) -> None:
     store = ProjectStore(tmp_path)
     assert import_costs(store, None, 1000) is None  # nothing measured: the caller keeps the bulk import
     sizes = ChunkSizes(first=250, largest=20_000)
     for n in (250, 500):
-        sizes.observe(n, 10.0 + 0.0002 * n)  # 10 s a call at 10,000 tasks: 1 ms a task
+        sizes.observe(n, 10.0 + 0.0002 * n)  # 10 s a call at 10,000 tasks
     remember_import_costs(store, sizes, 10_000, creates=[(200, 8.0)])
-    fixed, per_item, single = import_costs(store, None, 50_000)
-    assert fixed == pytest.approx(50.0) and per_item == pytest.approx(0.0002) and single == pytest.approx(0.04)
+    fixed, per_item, single = import_costs(store, None, 10_000)
+    assert fixed == pytest.approx(10.0) and per_item == pytest.approx(0.0002) and single == pytest.approx(0.04)
+    assert import_costs(store, None, 5_000)[0] == pytest.approx(5.0)  # a smaller project: a smaller recount
+    # A project that grew keeps the measured cost: scaled up, a small project's request overhead would send
+    # a large write one by one.
+    assert import_costs(store, None, 100_000)[0] == pytest.approx(10.0)
+    assert not single_creates_cheaper(20_000, fixed=10.0, per_item=0.0002, single=0.04)
     # within a job, its own calls win over what earlier jobs measured
     now = ChunkSizes(first=250, largest=20_000)
     for n in (250, 500):
