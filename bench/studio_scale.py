@@ -113,7 +113,7 @@ def main() -> int:
                                            password="bench-pass", token=TOKEN, extra_env=ls_env)
     services: list = [ls_service]
     try:
-        llm_env = {"HCC_LLM_BASE_URL": ""}
+        llm_env, llm = {"HCC_LLM_BASE_URL": ""}, None
         if args.llm_delay is not None:  # answers every text's label: a strong view the pool keeps asking
             llm = ServedLLM(delay=args.llm_delay, answers={r["text"]: r["category"] for r in train + test},
                             work=work)
@@ -134,7 +134,7 @@ def main() -> int:
         wait_idle(backend.url, project.id, timeout=600)
 
         texts = texts_for(args.tasks, pool)
-        sampler = RateSampler(services[1]) if args.llm_delay is not None else None
+        sampler = RateSampler(llm) if llm is not None else None
         t_start = time.perf_counter()
         for start in range(0, len(texts), args.import_batch):
             batch = texts[start:start + args.import_batch]

@@ -45,11 +45,13 @@ class ChunkSizes:
     part.
     """
 
-    def __init__(self, *, first: int, largest: int) -> None:
+    def __init__(self, *, first: int, largest: int, calls: list[tuple[int, float]] | None = None) -> None:
         self.largest = max(1, largest)
         self.last: int | None = None
         self.first = max(1, min(first, self.largest))
-        self.calls: list[tuple[int, float]] = []
+        # (predictions, seconds) of each import call: the client's own list (``StudioClient.import_calls``),
+        # which it appends to as calls end, so the fit always sees every call so far.
+        self.calls = calls if calls is not None else []
 
     def observe(self, n: int, seconds: float) -> None:
         """An import call of ``n`` predictions took ``seconds``."""

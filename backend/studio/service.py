@@ -549,7 +549,8 @@ class HCCService:
             model.refine_on(unlabelled[:REFINE_SAMPLE])
         existing = {t["id"]: t for t in tasks}
         run, llm_progress, meta = PrelabelRun(), self._progress(store), PendingMeta()
-        sizes, start, observed = ChunkSizes(first=FIRST_CHUNK, largest=self.settings.prelabel_chunk), 0, 0
+        sizes = ChunkSizes(first=FIRST_CHUNK, largest=self.settings.prelabel_chunk, calls=client.import_calls)
+        start = 0
         while start < len(unlabelled):
             chunk = unlabelled[start:start + sizes.next()]
             start += len(chunk)
@@ -563,9 +564,6 @@ class HCCService:
                                   sizes=sizes)
             run.add(records, errors, written)
             progress.advance(len(chunk), predicted=run.written)
-            for n, seconds in client.import_calls[observed:]:  # the calls this chunk made
-                sizes.observe(n, seconds)
-            observed = len(client.import_calls)
             remember_import_costs(store, sizes, len(tasks), client.create_calls)
         if not run.chunks:  # nothing to label: the threshold and the score's description are still the run's
             run.last_write = self._write(model, client, {}, existing)
@@ -634,12 +632,13 @@ class HCCService:
                                 tasks)
         created = self._create(model, client, plan.new, sizes)
         client.update_predictions(plan.updates)
+        ids = created
         if len(created) < len(plan.new):  # the bulk import does not return ids: read back those of these
             # records' tasks, which also deletes their duplicates; a chunk reads its own tasks, not the project's
             tracked = {pid for pid, _ in known.values() if pid is not None} | set(plan.updates) | set(created.values())
-            created = client.prediction_ids(model.project_id, version, keep=tracked, tasks=list(records))
+            ids = client.prediction_ids(model.project_id, version, keep=tracked, tasks=list(records))
         if plan.new:
-            plan.marks = {t: (pid if pid is not None else created.get(t), w) for t, (pid, w) in plan.marks.items()}
+            plan.marks = {t: (pid if pid is not None else ids.get(t), w) for t, (pid, w) in plan.marks.items()}
         pending = PendingMeta(plan.metas, {t: plan.marks[t] for t in plan.metas})
         # A task's meta state is marked once its meta is written: a job stopped before that writes it again.
         store.mark_written({t: (pid, {**w, "meta": plan.had[t]}) if t in plan.metas else (pid, w)
