@@ -142,6 +142,12 @@ def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save)
                   file=sys.stderr, flush=True)
 
 
+def yields(curve: list[list[float]] | list[tuple[float, float]]) -> list[float]:
+    """Wrong labels made right per review, round by round: the accuracy gained over the share reviewed (1.0:
+    every review fixed one error and nothing else; above 1: the new anchors fixed other items too)."""
+    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(curve, curve[1:]) if b[0] > a[0]]
+
+
 def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "-"
@@ -151,7 +157,8 @@ def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 
 def markdown(result: dict) -> str:
     lines = ["| data set | encoder | draws | accuracy before review | reviewed to reach 95% | oracle's share "
-             "| **ratio to the oracle** | accuracy after 20% reviewed |", "|---|---|---|---|---|---|---|---|"]
+             "| **ratio to the oracle** | accuracy after 20% reviewed | errors fixed per review: first round -> last |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for key, run in result["runs"].items():
         name, _, _, row, _ = key.split("|")
@@ -164,7 +171,9 @@ def markdown(result: dict) -> str:
                      f"{_spread([r['share_to_target'] for r in runs])} | "
                      f"{_spread([r['oracle_share'] for r in runs])} | "
                      f"**{_spread(ratios, scale=1.0, digits=2)}x** | "
-                     f"{_spread([r['accuracy_after_20pct'] for r in runs if r['accuracy_after_20pct'] is not None])} |")
+                     f"{_spread([r['accuracy_after_20pct'] for r in runs if r['accuracy_after_20pct'] is not None])} | "
+                     f"{_spread([yields(r['curve'])[0] for r in runs], 1.0, 2)} -> "
+                     f"{_spread([yields(r['curve'])[-1] for r in runs], 1.0, 2)} |")
     return "\n".join(lines)
 
 

@@ -96,11 +96,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-holdout", type=float, default=TrainingConfig.holdout,
                    help="share of the anchors held out to decide whether the trained encoder is adopted")
     g.add_argument("--train-seed", type=int, default=TrainingConfig.seed)
+    g.add_argument("--train-refit", action=argparse.BooleanOptionalAction, default=TrainingConfig.refit,
+                   help="once the held-out anchors adopt the training, train again on all the anchors "
+                        "(twice the time; off by default: measured within the draws' noise)")
 
 
 def _training_config(args: argparse.Namespace) -> TrainingConfig:
     config = TrainingConfig(loss=args.train_loss, epochs=args.train_epochs, max_steps=args.train_max_steps,
-                            top_layers=args.train_layers, holdout=args.train_holdout, seed=args.train_seed)
+                            top_layers=args.train_layers, holdout=args.train_holdout, seed=args.train_seed,
+                            refit=args.train_refit)
     config.validate()
     return config
 

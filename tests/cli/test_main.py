@@ -314,12 +314,18 @@ def test_train_writes_an_adopted_model_and_annotate_trains_by_default(tmp_path: 
     texts, labels = misleading_set(5, seed=9)
     _write_labelled(tmp_path / "tasks.csv", texts, labels)
     proc = run_hcc("train", "--anchors", "anchors.csv", "--out", "model", "--train-max-steps", "16", "--quiet",
-                   cwd=tmp_path)
+                   "--train-refit", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["adopted"] and result["model_path"] == str((tmp_path / "model").resolve())
     assert "adopted: the trained encoder classifies" in proc.stderr
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "hcc_training.json").is_file()
+    assert result["refit_anchors"] == 60 and result["steps"] == 32  # adopted, then trained again on every anchor
+    proc = run_hcc("train", "--anchors", "anchors.csv", "--out", "fit-part", "--train-max-steps", "16", "--quiet",
+                   cwd=tmp_path)  # the default: the fit part's model
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["adopted"] and result["refit_anchors"] == 0 and result["steps"] == 16
 
     runs = {}
     for flags in ([], ["--no-train"]):

@@ -23,7 +23,7 @@ from backend.labelling.training import (
 )
 from tests.synthetic_text import SUBJECTS, misleading_set
 
-FAST = TrainingConfig(max_steps=24, batch_size=16, min_anchors=20)
+FAST = TrainingConfig(max_steps=24, batch_size=16, min_anchors=20, refit=True)
 
 
 def held_out_accuracy(model: str, texts: list[str], labels: list[str], test_texts, test_labels) -> float:
@@ -38,7 +38,11 @@ def held_out_accuracy(model: str, texts: list[str], labels: list[str], test_text
 def trained(tmp_path_factory):
     texts, labels = misleading_set(15, seed=0)
     root = tmp_path_factory.mktemp("trained")
-    return texts, labels, root, train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=root, config=FAST)
+    ticks: list[tuple[int, int]] = []
+    result = train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=root, config=FAST,
+                           progress=lambda step, total: ticks.append((step, total)))
+    result.ticks = ticks  # what /status would have shown
+    return texts, labels, root, result
 
 
 def test_training_fixes_what_the_frozen_encoder_gets_wrong_and_is_adopted(trained):
@@ -46,11 +50,27 @@ def test_training_fixes_what_the_frozen_encoder_gets_wrong_and_is_adopted(traine
     assert result.adopted, result.reason
     assert result.holdout_right_after > result.holdout_right_before
     assert result.holdout_log_likelihood_after > result.holdout_log_likelihood_before
-    assert result.fit_anchors + result.holdout_anchors == len(texts) and result.steps == FAST.max_steps
+    assert result.fit_anchors + result.holdout_anchors == len(texts)
+    # Adopted, the recipe is trained again from the base model on every anchor, held-out ones included.
+    assert result.refit_anchors == len(texts) and result.steps == 2 * FAST.max_steps
+    assert "trained again on all 60 anchors" in result.reason
     test_texts, test_labels = misleading_set(10, seed=1)  # texts neither model saw
     frozen = held_out_accuracy("all-MiniLM-L6-v2", texts, labels, test_texts, test_labels)
     after = held_out_accuracy(result.model_path, texts, labels, test_texts, test_labels)
     assert after > frozen + 0.1, (frozen, after)
+
+
+def test_progress_counts_both_passes_on_one_scale(trained):
+    ticks = trained[3].ticks
+    assert [step for step, _ in ticks] == list(range(1, 2 * FAST.max_steps + 1))  # never starts again at 1
+    assert {total for _, total in ticks} == {2 * FAST.max_steps}
+
+
+def test_without_refit_the_fit_part_model_is_kept(tmp_path):
+    texts, labels = misleading_set(15, seed=0)
+    config = TrainingConfig(max_steps=24, batch_size=16, min_anchors=20)  # refit is off by default
+    result = train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=tmp_path, config=config)
+    assert result.adopted and result.refit_anchors == 0 and result.steps == config.max_steps
 
 
 def test_a_rerun_with_the_same_anchors_reuses_the_saved_model(trained):
@@ -68,11 +88,13 @@ def test_a_rerun_with_the_same_anchors_reuses_the_saved_model(trained):
 def test_a_training_that_ruins_the_encoder_is_not_adopted(tmp_path):
     texts, labels = misleading_set(15, seed=2)
     # A learning rate far too high scrambles the weights: held-out anchors must catch it.
-    ruinous = TrainingConfig(max_steps=8, batch_size=16, min_anchors=20, learning_rate=0.05, top_layers=0)
+    ruinous = TrainingConfig(max_steps=8, batch_size=16, min_anchors=20, learning_rate=0.05, top_layers=0,
+                             refit=True)
     result = train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=tmp_path, config=ruinous)
     assert not result.adopted and result.model_path is None
     assert result.holdout_right_after <= result.holdout_right_before
-    assert "kept the frozen encoder" in result.reason
+    assert "kept the frozen encoder" in result.reason and result.refit_anchors == 0
+    assert result.steps == ruinous.max_steps  # no refit of a recipe the held-out anchors rejected
     assert not any(tmp_path.glob("*/config.json"))  # no model saved; only the result, so a re-run is free
     assert load_result(tmp_path / result.key).adopted is False
 

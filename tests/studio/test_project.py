@@ -480,8 +480,11 @@ def test_training_settings_are_read_and_bad_values_named(monkeypatch) -> None:
     monkeypatch.setenv("HCC_TRAIN_EVERY", "25")
     monkeypatch.setenv("HCC_TRAIN_MAX_STEPS", "50")
     monkeypatch.setenv("HCC_TRAIN", "0")
+    assert Settings.from_env().training.refit is False
+    monkeypatch.setenv("HCC_TRAIN_REFIT", "1")
     settings = Settings.from_env()
     assert settings.train_every == 25 and settings.training.max_steps == 50 and settings.train is False
+    assert settings.training.refit is True
     monkeypatch.setenv("HCC_TRAIN_EVERY", "often")
     with pytest.raises(ValueError, match="HCC_TRAIN_EVERY must be a whole number, got 'often'"):
         Settings.from_env()
