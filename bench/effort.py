@@ -28,6 +28,7 @@ backend would train again every ``HCC_TRAIN_EVERY`` (100) reviews, so its curve 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -145,7 +146,7 @@ def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save)
 def yields(curve: list[list[float]] | list[tuple[float, float]]) -> list[float]:
     """Wrong labels made right per review, round by round: the accuracy gained over the share reviewed (1.0:
     every review fixed one error and nothing else; above 1: the new anchors fixed other items too)."""
-    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(curve, curve[1:]) if b[0] > a[0]]
+    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(curve) if b[0] > a[0]]
 
 
 def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
