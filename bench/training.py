@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--loss", default=TrainingConfig.loss)
     ap.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=TrainingConfig.refit,
-                    help="train the adopted recipe again on all the anchors (the library's default)")
+                    help="train the adopted recipe again on all the anchors (off by default, as in the library)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training.json")
     ap.add_argument("--report", action="store_true", help="print the table of --out and run nothing")
     args = ap.parse_args()
