@@ -239,7 +239,7 @@ def train_encoder(
                          f"right, the frozen one {before} (log-likelihood per anchor {ll_after:.3f} vs "
                          f"{ll_before:.3f})")
         result.seconds = round(time.perf_counter() - started, 2)
-        if callable(progress):
+        if callable(progress) and config.refit:
             progress(planned, planned)  # the refit that was planned will not run
         target.mkdir(parents=True, exist_ok=True)
         _write_result(target, result)

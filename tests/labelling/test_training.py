@@ -85,12 +85,19 @@ def test_a_rerun_with_the_same_anchors_reuses_the_saved_model(trained):
     assert not changed.reused and changed.key != first.key
 
 
-def test_a_training_that_ruins_the_encoder_is_not_adopted(tmp_path):
+@pytest.mark.parametrize("refit", [True, False])
+def test_a_training_that_ruins_the_encoder_is_not_adopted(tmp_path, refit):
     texts, labels = misleading_set(15, seed=2)
     # A learning rate far too high scrambles the weights: held-out anchors must catch it.
     ruinous = TrainingConfig(max_steps=8, batch_size=16, min_anchors=20, learning_rate=0.05, top_layers=0,
-                             refit=True)
-    result = train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=tmp_path, config=ruinous)
+                             refit=refit)
+    ticks: list[tuple[int, int]] = []
+    result = train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=tmp_path, config=ruinous,
+                           progress=lambda step, total: ticks.append((step, total)))
+    # Progress ends once at its total: a planned refit that will not run jumps there, nothing else repeats.
+    planned = 2 * ruinous.max_steps if refit else ruinous.max_steps
+    expected = [(step, planned) for step in range(1, ruinous.max_steps + 1)]
+    assert ticks == expected + ([(planned, planned)] if refit else [])
     assert not result.adopted and result.model_path is None
     assert result.holdout_right_after <= result.holdout_right_before
     assert "kept the frozen encoder" in result.reason and result.refit_anchors == 0
