@@ -47,6 +47,7 @@ from backend.confidence.calibration import (  # noqa: E402
 from backend.config import cache_dir  # noqa: E402
 from backend.labelling.encoder import DEFAULT_ENCODER, Encoder  # noqa: E402
 from backend.labelling.pipeline import HCCConfig, HCCPipeline  # noqa: E402
+from backend.labelling.training import train_encoder  # noqa: E402
 from backend.studio.project import published_probabilities  # noqa: E402
 from bench.views import DATA, DATASETS, read_jsonl  # noqa: E402
 
@@ -55,10 +56,14 @@ BUDGETS = (0.0, 0.01, 0.05)
 SCORES = ("cli", "studio", "prior")
 
 
+def draw_anchors(large: list[dict], draw: int, anchor_share: float) -> list[dict]:
+    return random.Random(draw).sample(large, round(anchor_share * len(large)))
+
+
 def run_draw(encoder: Encoder, labels: list[str], large: list[dict], items: list[dict], draw: int,
              label_free: bool, anchor_share: float = 0.05) -> dict[str, Any]:
     """The three scores' ECE and AUROC on the held-out items of one draw, per review budget."""
-    anchors = random.Random(draw).sample(large, round(anchor_share * len(large)))
+    anchors = draw_anchors(large, draw, anchor_share)
     texts, gold = [r["input"] for r in items], [r["label"] for r in items]
     config = HCCConfig(label_free_prior=label_free)
     pipe = HCCPipeline(encoder, labels, config=config)
@@ -133,6 +138,20 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def draw_encoder(frozen: Encoder, large: list[dict], draw: int, args) -> Encoder:
+    """The encoder a draw is scored with: with ``--train``, the one trained on the draw's anchors where
+    adopted, as ``hcc annotate`` and the backend use it (cached under ``$HCC_CACHE_DIR/trained``)."""
+    if not args.train:
+        return frozen
+    anchors = draw_anchors(large, draw, args.anchor_share)
+    training = train_encoder(DEFAULT_ENCODER, [a["input"] for a in anchors], [a["label"] for a in anchors],
+                             trained_dir=cache_dir() / "trained")
+    print(f"draw {draw}: {training.reason}", file=sys.stderr, flush=True)
+    if not training.adopted:
+        return frozen
+    return Encoder(training.model_path, cache_dir=cache_dir() / "embeddings", show_progress=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -141,12 +160,16 @@ def main() -> int:
     ap.add_argument("--anchor-share", type=float, default=0.05, help="anchors: this share of large.jsonl")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--markdown", action="store_true", help="print the table of an existing --out and exit")
+    ap.add_argument("--train", action="store_true",
+                    help="per draw, the encoder trained on the draw's anchors where adopted (as hcc annotate)")
+    ap.add_argument("--label-free", default="off,on", help="the label-free stage settings to run")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.out.read_text())))
         return 0
     encoder = Encoder(DEFAULT_ENCODER, cache_dir=cache_dir() / "embeddings", show_progress=False)
     result: dict[str, Any] = {"meta": {"encoder": DEFAULT_ENCODER, "items": args.items, "draws": args.draws,
+                                       "train": args.train,
                                        "anchors": f"{args.anchor_share:.1%} of large.jsonl",
                                        "budgets": list(BUDGETS)}, "runs": {}}
     t0 = time.perf_counter()
@@ -154,9 +177,10 @@ def main() -> int:
         large, small = read_jsonl(DATA / name / "large.jsonl"), read_jsonl(DATA / name / "small.jsonl")
         labels = sorted({r["label"] for r in large} | {r["label"] for r in small})
         items = random.Random(1234).sample(small, min(args.items, len(small)))
-        for stage in ("off", "on"):
-            draws = [run_draw(encoder, labels, large, items, draw, stage == "on", args.anchor_share)
-                     for draw in range(args.draws)]
+        encoders = [draw_encoder(encoder, large, draw, args) for draw in range(args.draws)]
+        for stage in args.label_free.split(","):
+            draws = [run_draw(used, labels, large, items, draw, stage == "on", args.anchor_share)
+                     for draw, used in enumerate(encoders)]
             result["runs"].setdefault(name, {})[stage] = draws
             print(f"{name} label-free {stage}: " + json.dumps({b: {s: summary(draws, b, s, "ece")["mean"]
                                                                    for s in SCORES} for b in ("0%", "5%")}),
