@@ -57,8 +57,10 @@ ROWS = ("frozen", "trained")
 
 
 def review_loop(encoder: Encoder, labels: list[str], anchors: list[dict], texts: list[str], gold: list[str], *,
-                batch: float, target: float = TARGET) -> dict[str, Any]:
-    """The review loop of one project: accuracy before any review, the curve, the share reviewed at ``target``."""
+                batch: float, target: float = TARGET, second_encoder: Encoder | None = None) -> dict[str, Any]:
+    """The review loop of one project: accuracy before any review, the curve, the share reviewed at ``target``.
+    ``second_encoder``: its opinion joins the records' signals, so the calibrator can order by it (as
+    ``HCC_SECOND_ENCODER`` in the backend)."""
     n, step = len(texts), max(1, round(batch * len(texts)))
     project_vectors = encoder.encode(texts)
     reviewed: list[int] = []  # item positions, in review order
@@ -66,7 +68,7 @@ def review_loop(encoder: Encoder, labels: list[str], anchors: list[dict], texts:
     curve: list[tuple[float, float]] = []
     share_at_target = None
     while True:
-        pipeline = HCCPipeline(encoder, labels, config=HCCConfig())
+        pipeline = HCCPipeline(encoder, labels, config=HCCConfig(), second_encoder=second_encoder)
         pipeline.set_anchors([a["input"] for a in anchors] + [texts[i] for i in reviewed],
                              [a["label"] for a in anchors] + [gold[i] for i in reviewed],
                              cross_check=[True] * len(anchors) + [False] * len(reviewed))
@@ -111,7 +113,8 @@ def _at(curve: list[tuple[float, float]], share: float) -> float | None:
     return before[-1] if before else None
 
 
-def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save) -> None:
+def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save,
+                second: Encoder | None = None) -> None:
     large, small = read_jsonl(DATA / name / "large.jsonl"), read_jsonl(DATA / name / "small.jsonl")
     labels = sorted({r["label"] for r in large} | {r["label"] for r in small})
     sample = random.Random(1234).sample(small, min(args.items, len(small)))
@@ -119,7 +122,8 @@ def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save)
     for draw in range(args.draws):
         anchors = random.Random(draw).sample(large, round(args.anchor_share * len(large)))
         for row in args.rows.split(","):
-            key = f"{name}|{args.anchor_share}|{draw}|{row}|{args.encoder}"
+            key = f"{name}|{args.anchor_share}|{draw}|{row}|{args.encoder}" + \
+                (f"+{args.second_encoder}" if second is not None else "")
             if key in runs:
                 continue
             encoder, training = frozen, None
@@ -129,7 +133,7 @@ def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save)
                 if training.adopted:
                     encoder = Encoder(training.model_path, cache_dir=cache / "embeddings", show_progress=False)
             t0 = time.perf_counter()
-            run = review_loop(encoder, labels, anchors, texts, gold, batch=args.batch)
+            run = review_loop(encoder, labels, anchors, texts, gold, batch=args.batch, second_encoder=second)
             run["seconds"] = round(time.perf_counter() - t0, 1)
             if training is not None:
                 run["training"] = {"adopted": training.adopted, "seconds": training.seconds,
@@ -137,7 +141,8 @@ def run_dataset(name: str, args, frozen: Encoder, cache: Path, runs: dict, save)
             runs[key] = run
             save()
             ratio = run["ratio_to_oracle"]
-            print(f"{name} draw {draw} {row}: {100 * run['accuracy_before_review']:.1f}% before review, "
+            what = f"{row} + {args.second_encoder}" if second is not None else row
+            print(f"{name} draw {draw} {what}: {100 * run['accuracy_before_review']:.1f}% before review, "
                   f"{100 * run['share_to_target']:.1f}% reviewed to reach 95% (oracle "
                   f"{100 * run['oracle_share']:.1f}%, {'-' if ratio is None else f'{ratio:.2f}x'}; {run['seconds']} s)",
                   file=sys.stderr, flush=True)
@@ -160,14 +165,16 @@ def markdown(result: dict) -> str:
     lines = ["| data set | encoder | draws | accuracy before review | reviewed to reach 95% | oracle's share "
              "| **ratio to the oracle** | accuracy after 20% reviewed | errors fixed per review: first round -> last |",
              "|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for key, run in result["runs"].items():
-        name, _, _, row, _ = key.split("|")
-        groups.setdefault((name, row), []).append(run)
-    for (name, row), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], ROWS.index(kv[0][1]))):
+        name, _, _, row, encoders = key.split("|")
+        groups.setdefault((name, row, encoders), []).append(run)
+    for (name, row, encoders), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], ROWS.index(kv[0][1]),
+                                                                              kv[0][2])):
         ratios = [r["ratio_to_oracle"] for r in runs if r["ratio_to_oracle"] is not None]
         adopted = sum(r.get("training", {}).get("adopted", False) for r in runs)
         label = f"trained ({adopted} of {len(runs)} adopted)" if row == "trained" else "frozen"
+        label += f" + second encoder {encoders.split('+', 1)[1]}" if "+" in encoders else ""
         lines.append(f"| {name} | {label} | {len(runs)} | {_spread([r['accuracy_before_review'] for r in runs])} | "
                      f"{_spread([r['share_to_target'] for r in runs])} | "
                      f"{_spread([r['oracle_share'] for r in runs])} | "
@@ -187,6 +194,7 @@ def main() -> int:
     ap.add_argument("--anchor-share", type=float, default=0.05)
     ap.add_argument("--batch", type=float, default=0.05, help="share of the project reviewed per round")
     ap.add_argument("--encoder", default=DEFAULT_ENCODER)
+    ap.add_argument("--second-encoder", help="a second encoder whose opinion the calibrator orders by")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "effort.json")
     ap.add_argument("--report", type=Path, metavar="JSON", help="print the table of a results file and exit")
     args = ap.parse_args()
@@ -203,8 +211,10 @@ def main() -> int:
 
     cache = cache_dir()
     frozen = Encoder(args.encoder, cache_dir=cache / "embeddings", show_progress=False)
+    second = (Encoder(args.second_encoder, cache_dir=cache / "embeddings", show_progress=False)
+              if args.second_encoder else None)
     for name in args.datasets.split(","):
-        run_dataset(name, args, frozen, cache, result["runs"], save)
+        run_dataset(name, args, frozen, cache, result["runs"], save, second)
     print(markdown(result))
     return 0
 
