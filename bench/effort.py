@@ -196,10 +196,12 @@ def main() -> int:
     ap.add_argument("--encoder", default=DEFAULT_ENCODER)
     ap.add_argument("--second-encoder", help="a second encoder whose opinion the calibrator orders by")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "effort.json")
-    ap.add_argument("--report", type=Path, metavar="JSON", help="print the table of a results file and exit")
+    ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                    help="print the table of one or more results files (their rows together) and exit")
     args = ap.parse_args()
     if args.report:
-        print(markdown(json.loads(args.report.read_text())))
+        runs = {key: run for path in args.report for key, run in json.loads(path.read_text())["runs"].items()}
+        print(markdown({"runs": runs}))
         return 0
     result = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
     result["meta"] = {"machine": machine(), "items": args.items, "batch": args.batch,

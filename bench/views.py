@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--llm-base-url")
     ap.add_argument("--llm-model", default=DEFAULT_LLM_MODEL)
     ap.add_argument("--no-llm", action="store_true")
+    ap.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True,
+                    help="the LLM zero-shot row (the same for every encoder: --no-zero-shot skips it)")
     ap.add_argument("--train", action="store_true",
                     help="train the encoder on each draw's anchors; rows over the trained encoder")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "views.json")
@@ -125,7 +127,7 @@ def run_dataset(name: str, args, encoder: Encoder, cache: Path, runs: dict, save
         return LLMAnnotator(labels, base_url=args.llm_base_url, model=args.llm_model, cache_dir=cache / "llm",
                             concurrency=2)
 
-    if llm_budgets and not args.train:  # draw-independent: the frozen runs' table has it
+    if llm_budgets and not args.train and args.zero_shot:  # draw-independent: the frozen runs' table has it
         key = f"{name}|zero_shot"
         if key not in runs:
             llm = annotator()
