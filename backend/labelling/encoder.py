@@ -8,6 +8,7 @@ grows with the number of ``encode`` calls, and no failure of the cache fails a r
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -86,6 +87,26 @@ def resolve_precision(precision: str | None, device: str = "cpu") -> str:
 def text_key(text: str) -> str:
     """Stable cache key of one text."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+#: Written beside a model fine-tuned by :mod:`backend.labelling.training`: what it was trained on and why
+#: it was adopted (the model's card, in the project's own terms).
+TRAINING_RECORD = "hcc_training.json"
+
+
+def trained_on(model: str) -> frozenset[str]:
+    """:func:`text_key` of every text the model in directory ``model`` was fine-tuned on, from its
+    :data:`TRAINING_RECORD`; empty for a model not trained here (a packaged or hub name) or one whose
+    record predates the list. A cross-check on those texts flatters the model: it has seen them."""
+    record = Path(model) / TRAINING_RECORD
+    if not record.is_file():
+        return frozenset()
+    try:
+        keys = json.loads(record.read_text(encoding="utf-8")).get("trained_on") or ()
+    except (OSError, ValueError, AttributeError) as exc:  # a torn record costs the distinction, never the run
+        log.warning("ignoring unreadable training record %s: %s", record, exc)
+        return frozenset()
+    return frozenset(str(key) for key in keys)
 
 
 class _VectorLRU:
@@ -284,6 +305,7 @@ class Encoder:
         self._disk = _VectorFile(self.cache_dir / self.identity) if self.cache_dir else None
         self._migrated = False
         self.encoded_count = 0  # texts actually run through the model (cache misses)
+        self._trained_on: frozenset[str] | None = None
 
     # -- model -----------------------------------------------------------------------------------
     def _load(self):
@@ -323,6 +345,13 @@ class Encoder:
         model = self._load()
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(getter())
+
+    @property
+    def trained_on(self) -> frozenset[str]:
+        """Keys (:func:`text_key`) of the texts this model was fine-tuned on (see :func:`trained_on`)."""
+        if self._trained_on is None:
+            self._trained_on = trained_on(self.model_name)
+        return self._trained_on
 
     @property
     def identity(self) -> str:

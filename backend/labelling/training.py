@@ -26,8 +26,10 @@ the centroid cosines, each model at its best temperature); the report says how m
 ``refit`` (off by default: measured, it did not pay for its time), once adopted the same recipe is trained
 again from the base model on all the anchors and that model is saved: the held-out part decided whether the
 recipe helps on this data, and the refit keeps the fifth of the labels the decision held back (the usual
-select-then-refit of model selection). A re-run with the same base model, anchors and settings reuses the
-saved model (its directory is keyed by all three).
+select-then-refit of model selection). The record lists the texts the saved model was trained on
+(``trained_on``): the pipeline fits its score's temperature on the other anchors, which the model never
+saw (:meth:`backend.labelling.pipeline.HCCPipeline.temperature_rows`). A re-run with the same base model,
+anchors and settings reuses the saved model (its directory is keyed by all three).
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ from typing import Any
 import numpy as np
 
 from backend.labelling.anchors import class_scores
+from backend.labelling.encoder import TRAINING_RECORD, text_key
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("prototype", "pairs")
-RESULT_FILE = "hcc_training.json"
+RESULT_FILE = TRAINING_RECORD
 
 
 class TrainingError(RuntimeError):
@@ -112,6 +115,8 @@ class TrainingResult:
     steps: int = 0  # optimiser steps, the refit's included
     refit_anchors: int = 0  # anchors the adopted model was trained again on (0: the fit part's model is kept)
     seconds: float = 0.0
+    # text_key of every text the saved model was trained on (the fit part; all anchors after a refit)
+    trained_on: list[str] = field(default_factory=list)
     reused: bool = False  # loaded from an earlier run with the same base model, anchors and settings
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -123,15 +128,21 @@ class TrainingResult:
     def holdout_accuracy_after(self) -> float:
         return self.holdout_right_after / self.holdout_anchors if self.holdout_anchors else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, *, record: bool = False) -> dict[str, Any]:
+        """Plain data for reports; ``record``: with the full ``trained_on`` list, as the saved record keeps it
+        (a report gives its length: thousands of hashes help no reader)."""
         out = asdict(self)
         out["holdout_accuracy_before"] = round(self.holdout_accuracy_before, 4)
         out["holdout_accuracy_after"] = round(self.holdout_accuracy_after, 4)
+        if not record:
+            out["trained_on"] = len(self.trained_on)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingResult:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if not isinstance(known.get("trained_on", []), list):  # a report's count, not a record's list
+            known.pop("trained_on")
         return cls(**known)
 
 
@@ -232,6 +243,7 @@ def train_encoder(
                                  _phase(progress, result.steps, planned))
             result.refit_anchors = len(texts)
             result.reason += f"; then trained again on all {len(texts)} anchors"
+        result.trained_on = sorted({text_key(t) for t in (texts if config.refit else fit_texts)})
         result.seconds = round(time.perf_counter() - started, 2)
         _save(model, target, result)
     else:
@@ -473,5 +485,5 @@ def _save(model, target: Path, result: TrainingResult) -> None:
 
 def _write_result(target: Path, result: TrainingResult) -> None:
     tmp = target / f".{RESULT_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(result.as_dict(), indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(result.as_dict(record=True), indent=1), encoding="utf-8")
     os.replace(tmp, target / RESULT_FILE)

@@ -629,8 +629,10 @@ class ProjectModel:
         self._absorb(pipeline, save_pool=False)
         llm = (f"; where the LLM was asked, the views' weights fitted on {evidence.pool.items} anchors"
                if evidence.pool is not None and evidence.pool.adopted else "")
+        fitted_on = (f"{evidence.temperature_anchors} cross-checked anchors the trained encoder never saw (of "
+                     f"{evidence.anchors})" if evidence.unseen_only else f"{evidence.anchors} cross-checked anchors")
         return (f"until calibrated, the score is the pool's P(label is right): the encoder's temperature fitted on "
-                f"{evidence.anchors} cross-checked anchors{llm}")
+                f"{fitted_on}{llm}")
 
     def scores(self, records: dict[int, dict[str, Any]], *, earlier: Sequence[float] = ()) -> Scores:
         """Scores and the flag threshold over the project's unlabelled records (a pre-label or re-vote run;

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backend.labelling.anchors import class_scores
-from backend.labelling.encoder import Encoder
+from backend.labelling.encoder import Encoder, text_key
 from backend.labelling.training import (
     RESULT_FILE,
     TrainingConfig,
@@ -71,6 +71,20 @@ def test_without_refit_the_fit_part_model_is_kept(tmp_path):
     config = TrainingConfig(max_steps=24, batch_size=16, min_anchors=20)  # refit is off by default
     result = train_encoder("all-MiniLM-L6-v2", texts, labels, trained_dir=tmp_path, config=config)
     assert result.adopted and result.refit_anchors == 0 and result.steps == config.max_steps
+    # The record names the texts the model saw: the fit part, never the held-out anchors.
+    fit, held = split_anchors(labels, holdout=config.holdout, seed=config.seed)
+    assert set(result.trained_on) == {text_key(texts[i]) for i in fit}
+    assert not set(result.trained_on) & {text_key(texts[i]) for i in held}
+    assert Encoder(result.model_path).trained_on == set(result.trained_on)  # what the pipeline reads
+
+
+def test_the_record_lists_what_the_model_saw_and_reports_count_it(trained):
+    texts, _, root, result = trained
+    assert set(result.trained_on) == {text_key(t) for t in texts}  # refit: every anchor
+    saved = json.loads((root / result.key / RESULT_FILE).read_text())
+    assert saved["trained_on"] == result.trained_on
+    assert result.as_dict()["trained_on"] == len(texts)  # a report (CLI, /status) gives the count
+    assert load_result(root / result.key).trained_on == result.trained_on
 
 
 def test_a_rerun_with_the_same_anchors_reuses_the_saved_model(trained):

@@ -64,6 +64,7 @@ def test_start_training_adopts_a_trained_encoder_under_a_new_version(label_studi
         result = status["training"]["result"]
         assert result["adopted"], result["reason"]
         assert result["holdout_right_after"] > result["holdout_right_before"]
+        assert result["trained_on"] == result["fit_anchors"]  # /status counts the texts it saw, never lists them
         trained = status["training"]["model_version"]
         assert trained.startswith(frozen + "-t") and status["model_version"] == trained
         # Every prediction is re-written by the trained model, then the frozen model's are deleted.
