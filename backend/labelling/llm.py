@@ -11,6 +11,7 @@ label.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import random
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -340,17 +342,28 @@ class LLMAnnotator:
         self, user_messages: list[str], enums: list[Sequence[str] | None], progress, params: dict | None = None,
         choices: list[list[str]] | None = None,
     ) -> list[LLMAnswer]:
+        # The same question twice in a batch (duplicate tasks, a pair imported in both orders) is asked once:
+        # one call instead of two, and one answer for both (a server batching other requests beside it can
+        # answer the same prompt with slightly different logprobs).
+        first: dict[tuple, int] = {}
+        source = [first.setdefault((user_messages[i], _key(enums[i]), _key(choices[i] if choices else None)), i)
+                  for i in range(len(user_messages))]
+        unique = list(first.values())
+        copies = Counter(source)
+
         def one(i: int) -> LLMAnswer:
             answer = self._answer(user_messages[i], enums[i], params, choices[i] if choices else None)
-            if progress is not None:
+            for _ in range(copies[i] if progress is not None else 0):
                 progress()
             return answer
 
-        if self.concurrency == 1 or len(user_messages) <= 1:
-            return [one(i) for i in range(len(user_messages))]
-        # As many threads as the cap allows; the limiter decides how many of them have a request out.
-        with ThreadPoolExecutor(min(self.concurrency, len(user_messages))) as pool:
-            return list(pool.map(one, range(len(user_messages))))
+        if self.concurrency == 1 or len(unique) <= 1:
+            answers = dict(zip(unique, map(one, unique), strict=True))
+        else:
+            # As many threads as the cap allows; the limiter decides how many of them have a request out.
+            with ThreadPoolExecutor(min(self.concurrency, len(unique))) as pool:
+                answers = dict(zip(unique, pool.map(one, unique), strict=True))
+        return [answers[i] if i == j else copy.copy(answers[j]) for i, j in enumerate(source)]
 
     def _schema(self, enum: Sequence[str] | None) -> dict[str, Any]:
         return {
@@ -546,6 +559,11 @@ class LLMAnnotator:
         distribution = candidate_distribution(content, given, choice, response)
         return LLMAnswer(label=label, valid=True, raw=content, cached=cached, distribution=distribution,
                          probability=distribution.get(label) if distribution else None)
+
+
+def _key(options: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A hashable form of a request's label subset or candidates (None: the whole label set)."""
+    return None if options is None else tuple(options)
 
 
 def _outcome(exc: Exception) -> Outcome:

@@ -589,6 +589,21 @@ def test_requests_run_concurrently_and_keep_their_order(fault_server: FaultServe
     assert len(ticks) == 8
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_the_same_question_twice_in_a_batch_is_asked_once(fault_server: FaultServer, concurrency: int) -> None:
+    texts = ["item 0", "item 1", "item 0", "item 2", "item 1", "item 0"]  # duplicate tasks in one import
+    fault_server.default = answer_by_text({"item 0": LABELS[0], "item 1": LABELS[1], "item 2": LABELS[2]})
+    annotator = make(fault_server, concurrency=concurrency)
+    ticks: list[int] = []
+
+    results = annotator.zero_shot(texts, progress=lambda: ticks.append(1))
+
+    assert [r.label for r in results] == [LABELS[i] for i in (0, 1, 0, 2, 1, 0)]
+    assert fault_server.request_count == 3 and annotator.stats.calls == 3
+    assert len(ticks) == len(texts)  # progress still counts every item
+    assert results[0] is not results[2] and results[0] == results[2]  # equal answers, not one shared object
+
+
 def labelled_texts(count: int) -> tuple[list[str], list[str]]:
     texts = [f"item {i}" for i in range(count)]
     return texts, [LABELS[i % len(LABELS)] for i in range(count)]
