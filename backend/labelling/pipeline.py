@@ -495,8 +495,7 @@ class HCCPipeline:
         temperature_pool = LogLinearPool(prior_weights=np.ones(1), l2=cfg.pool_l2)
         temperature_pool.fit(_finite_or_neg_inf(scores[fit] / ENCODER_TEMPERATURE)[:, :, None], truth[fit])
         weight = float(temperature_pool.weights_[0]) if len(fit) >= 5 else 1.0
-        evidence = Evidence(encoder_weight=weight, anchors=len(rows), temperature_anchors=len(fit),
-                            unseen_only=len(fit) < len(rows))
+        evidence = Evidence(encoder_weight=weight, anchors=len(rows), temperature_anchors=len(fit))
         if cfg.combine != "pool" or not cfg.llm_views:
             evidence.complete = True
         elif not allow_llm or self.llm is None:  # a re-vote of stored answers: the last weights, if any
@@ -1012,11 +1011,16 @@ class Evidence:
     encoder_weight: float  # temperature scaling of the encoder's scores (1 = ENCODER_TEMPERATURE)
     anchors: int  # cross-checked anchors it rests on
     temperature_anchors: int = 0  # ... of which the encoder's temperature was fitted on
-    unseen_only: bool = False  # those are the anchors a trained encoder never saw
     pool: PoolFit | None = None  # the views' weights, and whether the LLM views earned a place
     recall: float = 1.0  # share of the anchors the LLM is asked about whose label is among the candidates
     anchor_calls: int = 0
     complete: bool = False  # False: fitted without asking the LLM, to be redone by a run that may
+
+    @property
+    def unseen_only(self) -> bool:
+        """The temperature rests on the anchors a trained encoder never saw (:meth:`HCCPipeline.temperature_rows`
+        takes either those or all of them)."""
+        return self.temperature_anchors < self.anchors
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"encoder_weight": round(self.encoder_weight, 4), "anchors": self.anchors,

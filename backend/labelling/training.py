@@ -141,8 +141,6 @@ class TrainingResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingResult:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if not isinstance(known.get("trained_on", []), list):  # a report's count, not a record's list
-            known.pop("trained_on")
         return cls(**known)
 
 

@@ -5,8 +5,8 @@ label, said a few ways: what training makes of the anchors it fits), the anchors
 the texts to label (long boiler-plate paragraphs, :func:`tests.synthetic_text.misleading_set`, a quarter of
 them labelled by a coin: texts the encoder cannot get right). A temperature fitted on every anchor learns the
 easy anchors' confidence and over-states the new texts' chance of being right; fitted on the unseen anchors
-it does not. The encoder is the packaged MiniLM behind a directory with
-a training record, which is what makes an encoder "trained" to the pipeline.
+it does not. The encoder is the packaged MiniLM behind a directory with a training record, which is what
+makes an encoder "trained" to the pipeline.
 """
 
 from __future__ import annotations
