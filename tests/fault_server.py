@@ -314,6 +314,7 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.0: one request per connection, so nothing lingers at shutdown (unless keep_alive is asked for)
         protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
+        _held: bool | None = None  # a chat request counted in flight: whether it also counts as served
         # headers and body leave in two writes: with Nagle's algorithm the body waits ~40 ms for the client's
         # delayed ACK on a kept-alive connection, a latency no serving engine has
         disable_nagle_algorithm = True
@@ -355,10 +356,11 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(400, _error_body(400, problem))
                 return
             action, served = server._next_action(body)
+            self._held = served
             try:
                 self._perform(action, body)
             finally:
-                server._done(served)
+                self._release()  # nothing left to do once the answer has started to leave
 
         def _perform(self, action: Action, body: dict[str, Any]) -> None:
             if action.delay or server.slots:
@@ -371,11 +373,21 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send_json(200, completion_body(action, body), headers)
 
+        def _release(self) -> None:
+            """Stop counting this chat request as held, once; a no-op for other requests."""
+            if self._held is not None:
+                server._done(self._held)
+                self._held = None
+
         def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             self._send_raw(status, json.dumps(payload).encode("utf-8"),
                            {"Content-Type": "application/json", **(headers or {})})
 
         def _send_raw(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+            # Released before the first byte leaves: a client that has its answer may send its next request at
+            # once, and counting this one as held until its thread wakes again would show one more in flight
+            # than the client ever had (and could refuse the next request for a capacity it never exceeded).
+            self._release()
             try:
                 self.send_response(status)
                 for name, value in {"Content-Type": "application/json", **headers}.items():
