@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-base-url", help="use this OpenAI-compatible server instead of the embedded LLM")
     p.add_argument("--no-llm", action="store_true")
     p.add_argument("--no-train", action="store_true",
-                   help="--offline: use the encoder as it is (by default it is first fitted to the anchors)")
+                   help="use the encoder as it is (--offline: by default it is first fitted to the anchors; with "
+                        "Label Studio: HCC_TRAIN=0, Start training only re-labels)")
     p.add_argument("--workdir", type=Path, default=None, help="default: runs/demo (runs/demo-offline)")
     _add_hcc_options(p)
 
@@ -292,15 +293,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# `hcc demo` with Label Studio: the options the backend has a setting for reach it as that setting.
+_BACKEND_SETTINGS = {"encoder": "HCC_ENCODER", "encoder_precision": "HCC_ENCODER_PRECISION",
+                     "second_encoder": "HCC_SECOND_ENCODER", "classifier": "HCC_CLASSIFIER",
+                     "combine": "HCC_COMBINE", "anchor_llm_cap": "HCC_ANCHOR_LLM_CAP"}
+_BACKEND_SWITCHES_OFF = {"no_transductive": "HCC_TRANSDUCTIVE", "no_train": "HCC_TRAIN"}
+
+
+def backend_env_for_demo(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """The backend's environment for the options given to ``hcc demo`` (those left at their default are left
+    out, so the backend's own defaults hold), and the options given that only ``--offline`` can apply."""
+    defaults = vars(build_parser().parse_args(["demo"]))
+    given = {name for name, value in vars(args).items() if name in defaults and value != defaults[name]}
+    env = {_BACKEND_SETTINGS[name]: _as_setting(getattr(args, name)) for name in given & _BACKEND_SETTINGS.keys()}
+    env |= {_BACKEND_SWITCHES_OFF[name]: "0" for name in given & _BACKEND_SWITCHES_OFF.keys()}
+    ignored = sorted(given & _hcc_option_names() - _BACKEND_SETTINGS.keys() - _BACKEND_SWITCHES_OFF.keys())
+    return env, ["--" + name.replace("_", "-") for name in ignored]
+
+
+def _as_setting(value: object) -> str:
+    """A local encoder directory as an absolute path: the backend does not run in the demo's directory."""
+    text = str(value)
+    return str(Path(text).resolve()) if Path(text).exists() else text
+
+
+def _hcc_option_names() -> set[str]:
+    parser = argparse.ArgumentParser()
+    _add_hcc_options(parser)
+    return set(vars(parser.parse_args([])))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if not args.offline:
         from backend.cli.studio_demo import run_studio_demo
 
+        backend_env, offline_only = backend_env_for_demo(args)
+        if offline_only:
+            verb = "applies" if len(offline_only) == 1 else "apply"
+            print(f"warning: {', '.join(offline_only)} {verb} only with --offline: the backend has no setting for "
+                  "it (README: the backend's settings)", file=sys.stderr)
         summary = run_studio_demo(
             workdir=args.workdir or Path("runs/demo"), items=args.items, anchor_share=args.anchor_share,
             seed=args.seed, llm_model=None if args.no_llm else args.model, llm_base_url=args.llm_base_url,
             port=args.port, backend_port=args.backend_port, exit_when_done=args.exit_when_done, timeout=args.timeout,
-            label_studio_url=args.label_studio_url, api_key=args.api_key)
+            label_studio_url=args.label_studio_url, api_key=args.api_key, backend_env=backend_env)
         return 0 if summary else 130
     from backend.cli.demo import run_demo
 

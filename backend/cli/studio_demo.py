@@ -74,9 +74,10 @@ def _label_config(labels: list[str]) -> str:
 
 def run_studio_demo(*, workdir: Path, items: int, anchor_share: float, seed: int, llm_model: str | None,
                     llm_base_url: str | None, port: int, backend_port: int, exit_when_done: bool,
-                    timeout: float, label_studio_url: str | None = None, api_key: str | None = None
-                    ) -> dict[str, Any]:
-    """``label_studio_url`` + ``api_key``: use that Label Studio instead of starting one."""
+                    timeout: float, label_studio_url: str | None = None, api_key: str | None = None,
+                    backend_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``label_studio_url`` + ``api_key``: use that Label Studio instead of starting one. ``backend_env``: the
+    backend's settings (``HCC_*``) beyond those the demo sets."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     wsgi = launch.ROOT / "_wsgi.py"
@@ -102,7 +103,8 @@ def run_studio_demo(*, workdir: Path, items: int, anchor_share: float, seed: int
             procs.add("the LLM server", server)
             llm_url = local_llm.base_url_for("127.0.0.1", llm_port)
         backend_url = _start_backend(procs, workdir, creds["token"], ls_url, llm_url, llm_model, backend_port,
-                                     structured="grammar" if llm_model and not llm_base_url else "auto")
+                                     structured="grammar" if llm_model and not llm_base_url else "auto",
+                                     settings=backend_env or {})
         summary = _project(ls_url, creds["token"], backend_url, anchors_csv, tasks_csv, timeout=timeout)
         summary.update(label_studio=ls_url, username=creds["username"], password=creds["password"],
                        api_key=creds["token"], backend=backend_url)
@@ -147,14 +149,15 @@ def _port_free(port: int) -> bool:
 
 
 def _start_backend(procs: Processes, workdir: Path, api_key: str, ls_url: str, llm_url: str | None,
-                   llm_model: str | None, port: int, *, structured: str) -> str:
+                   llm_model: str | None, port: int, *, structured: str, settings: dict[str, str]) -> str:
     if port == 0 or not _port_free(port):
         port = local_llm.free_port()
     env = {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": api_key, "MODEL_DIR": str(workdir / "model_dir"),
            "HCC_LLM_BASE_URL": llm_url or "", "HCC_LLM_MODEL": llm_model or "local", "HCC_LLM_STRUCTURED": structured,
-           "LOG_LEVEL": "INFO"}
+           "LOG_LEVEL": "INFO", **settings}
     log = workdir / "backend.log"
-    _say(f"starting the backend on port {port} (log: {log})")
+    shown = "".join(f", {name}={value}" for name, value in sorted(settings.items()))
+    _say(f"starting the backend on port {port} (log: {log}{shown})")
     service = launch.start_backend(env, log=log, port=port, new_session=True)
     procs.add(service.name, service.proc)
     return service.url

@@ -17,6 +17,7 @@
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
 | ``HCC_CLASSIFIER`` | ``auto`` (the one the anchors prove), ``centroid``, ``ensemble``, ``topk_mean`` | ``auto`` |
 | ``HCC_COMBINE`` | ``pool`` (views weighed by the anchors' evidence), ``dcca`` (the paper's DCCA) | ``pool`` |
+| ``HCC_ANCHOR_LLM_CAP`` | anchors the LLM is asked about to weigh the views, at most (bounds its cost) | ``100`` |
 | ``HCC_TRANSDUCTIVE`` | refine the class centroids on the project's tasks where the anchors show it helps | ``1`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
 | ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
@@ -159,7 +160,8 @@ class Settings:
             job_retries=_int("HCC_JOB_RETRIES", 5, minimum=0),
             job_retry_seconds=_number("HCC_JOB_RETRY_SECONDS", 10.0, minimum=0.0),
             hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool",
-                            transductive=_flag("HCC_TRANSDUCTIVE", True)),
+                            transductive=_flag("HCC_TRANSDUCTIVE", True),
+                            anchor_llm_cap=_int("HCC_ANCHOR_LLM_CAP", HCCConfig.anchor_llm_cap, minimum=0)),
         )
 
     @property
@@ -180,14 +182,15 @@ class Settings:
         return self.model_dir / "cache"
 
 
-def _hcc_config(classifier: str, combine: str = "pool", *, transductive: bool = True) -> HCCConfig:
+def _hcc_config(classifier: str, combine: str = "pool", *, transductive: bool = True,
+                anchor_llm_cap: int = HCCConfig.anchor_llm_cap) -> HCCConfig:
     combine = combine.strip().lower()
     if combine not in COMBINERS:
         raise ValueError(f"HCC_COMBINE must be one of {', '.join(COMBINERS)}, got {combine!r}")
     # dcca: the paper's two views (zero-shot and hinted) with the ablation's DCCA settings
     views = ("zero_shot", "hinted") if combine == "dcca" else HCCConfig.llm_views
     config = HCCConfig(classifier=classifier.strip().lower(), combine=combine, llm_views=views,
-                       transductive=transductive)
+                       transductive=transductive, anchor_llm_cap=anchor_llm_cap)
     if config.classifier not in (AUTO, *CLASSIFIERS):
         raise ValueError(f"HCC_CLASSIFIER must be one of {AUTO}, {', '.join(CLASSIFIERS)}, got {classifier!r}")
     return config

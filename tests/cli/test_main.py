@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,13 +171,38 @@ def test_demo_without_llm_prints_the_table(tmp_path: Path) -> None:
     assert len((tmp_path / "run" / "annotations.jsonl").read_text().splitlines()) == 30
 
 
+def anchors_weighed(views_message: str) -> int:
+    """How many anchors the views' verdict rests on, from its message."""
+    found = re.search(r"(\d+) anchors", views_message)
+    assert found, views_message
+    return int(found.group(1))
+
+
 @pytest.mark.llm
 def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
     proc = run_hcc("demo", "--offline", "--items", "8", "--workdir", "run", "--llm-base-url", llm_server,
-                   "--no-train", cwd=tmp_path)
+                   "--no-train", "--anchor-llm-cap", "30", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for line in ("encoder (anchors)", "HCC final", "views: "):  # the views' verdict, whatever SmolLM earns
         assert line in proc.stdout
+    views = next(line for line in proc.stdout.splitlines() if line.startswith("views: "))
+    assert anchors_weighed(views) <= 30
+
+
+def test_demo_options_reach_the_backend_as_its_settings(monkeypatch) -> None:
+    from backend.cli.main import backend_env_for_demo, build_parser
+    from backend.studio.settings import Settings
+
+    assert backend_env_for_demo(build_parser().parse_args(["demo"])) == ({}, [])  # the backend's defaults hold
+    args = build_parser().parse_args(["demo", "--classifier", "ensemble", "--combine", "dcca", "--anchor-llm-cap",
+                                      "30", "--no-transductive", "--no-train", "--k", "5", "--llm-gate", "0.9"])
+    env, offline_only = backend_env_for_demo(args)
+    assert offline_only == ["--k", "--llm-gate"]  # no backend setting: the demo warns about them
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()  # every name is one the backend reads, every value one it accepts
+    assert (settings.hcc.classifier, settings.hcc.combine, settings.hcc.anchor_llm_cap) == ("ensemble", "dcca", 30)
+    assert settings.hcc.transductive is False and settings.train is False
 
 
 def test_label_descriptions_and_seed_reach_the_llm(files: Path, fault_server: FaultServer) -> None:
@@ -206,12 +232,15 @@ def test_main_job_prelabels_a_project_and_stops(tmp_path: Path, llm_server: str,
     env = {"HCC_DATA_DIR": str(tmp_path / "no-shared-data")}  # force the sample the project ships
     proc = run_hcc("demo", "--items", "5", "--workdir", "run", "--llm-base-url", llm_server, "--backend-port", "0",
                    "--label-studio-url", label_studio["url"], "--api-key", label_studio["token"],
+                   "--anchor-llm-cap", "30", "--k", "5",
                    "--exit-when-done", "--timeout", "400", cwd=tmp_path, env_extra=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HCC_ANCHOR_LLM_CAP=30" in proc.stderr and "warning: --k applies only with --offline" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["tasks_labelled"] == 5 and summary["anchors"] > 0
     # the views' verdict on the anchors, and CAI where the LLM labelled items (SmolLM seldom earns that)
     assert summary["views"] and 0 <= summary["needs_review"] <= 5
+    assert anchors_weighed(summary["views"]) <= 30  # the backend took the demo's option
     assert summary["cai"] is None or summary["cai"] >= 0
     assert 0 <= summary["accuracy"] <= 1
     assert summary["label_studio"] == label_studio["url"]
