@@ -57,7 +57,8 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-gate", type=float, default=HCCConfig.llm_gate,
                    help="pool: ask the LLM only about items where the encoder's P(top label) is below this")
     g.add_argument("--anchor-llm-cap", type=int, default=HCCConfig.anchor_llm_cap,
-                   help="pool: anchors asked to weigh the views, at most")
+                   help="pool: anchors asked to weigh the views, at most (at least 20; 0: never weigh, so never "
+                        "ask, the LLM)")
     g.add_argument("--no-label-names", action="store_true",
                    help="do not score labels without anchors by their embedded names")
     g.add_argument("--no-transductive", action="store_true",
@@ -74,14 +75,18 @@ def _add_hcc_options(p: argparse.ArgumentParser) -> None:
 
 
 def _hcc_config(args: argparse.Namespace) -> HCCConfig:
+    """The pipeline's options, checked now: a bad one must not surface after the encoder's training or an
+    unreachable LLM's error."""
     views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    return HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, vote_method=args.vote_method,
-                     rounds=args.rounds, weighted_vote=args.weighted_vote, unresolved=args.unresolved, llm_views=views,
-                     few_shot_examples=args.few_shot_examples, candidates=args.candidates,
-                     adapt_prior=not args.packaged_prior, combine=args.combine,
-                     choice_candidates=args.choice_candidates, llm_gate=args.llm_gate,
-                     anchor_llm_cap=args.anchor_llm_cap, label_prototypes=not args.no_label_names,
-                     transductive=not args.no_transductive)
+    config = HCCConfig(k=args.k, classifier=args.classifier, vote_k=args.vote_k, vote_method=args.vote_method,
+                       rounds=args.rounds, weighted_vote=args.weighted_vote, unresolved=args.unresolved,
+                       llm_views=views, few_shot_examples=args.few_shot_examples, candidates=args.candidates,
+                       adapt_prior=not args.packaged_prior, combine=args.combine,
+                       choice_candidates=args.choice_candidates, llm_gate=args.llm_gate,
+                       anchor_llm_cap=args.anchor_llm_cap, label_prototypes=not args.no_label_names,
+                       transductive=not args.no_transductive)
+    config.validate()
+    return config
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -327,6 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.offline:
         from backend.cli.studio_demo import run_studio_demo
 
+        _hcc_config(args)  # a bad option is refused before anything starts, as --offline refuses it
         backend_env, offline_only = backend_env_for_demo(args)
         if offline_only:
             verb = "applies" if len(offline_only) == 1 else "apply"

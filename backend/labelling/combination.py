@@ -129,8 +129,11 @@ def item_log_likelihood(pool: LogLinearPool, features: np.ndarray, target: np.nd
     return np.log(np.maximum(p[np.arange(int(keep.sum())), np.asarray(target)[keep]], 1e-12))
 
 
+MIN_POOL_ANCHORS = 20  # anchors answered by every view below which the views are not weighed
+
+
 def compare_pools(features: np.ndarray, target: np.ndarray, *, base_views: int = 1, folds: int = 5,
-                  l2: float = 1.0, seed: int = 0, min_items: int = 20) -> PoolFit:
+                  l2: float = 1.0, seed: int = 0, min_items: int = MIN_POOL_ANCHORS) -> PoolFit:
     """Does pooling all views beat pooling the first ``base_views`` alone on these labelled items?
 
     Both pools are fitted on ``folds - 1`` folds and scored on the held-out one; the full pool is adopted

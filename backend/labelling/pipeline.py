@@ -47,7 +47,14 @@ from backend.labelling.anchors import (
     nearest_of_label,
     with_prototypes,
 )
-from backend.labelling.combination import LogLinearPool, PoolFit, candidate_features, compare_pools, top_candidates
+from backend.labelling.combination import (
+    MIN_POOL_ANCHORS,
+    LogLinearPool,
+    PoolFit,
+    candidate_features,
+    compare_pools,
+    top_candidates,
+)
 from backend.labelling.encoder import text_key
 from backend.labelling.llm import LLMAnswer
 from backend.labelling.transductive import GATE_Z, MIN_ITEMS, Refinement, fit_refinement
@@ -232,8 +239,12 @@ class HCCConfig:
             raise ValueError("the choice view needs combine='pool'")
         if self.combine == "pool" and "few_shot" in self.llm_views:
             raise ValueError("the few_shot view cannot be pooled; use choice, zero_shot or hinted")
-        if self.choice_candidates < 2 or not 0.0 <= self.llm_gate <= 1.0 or self.anchor_llm_cap < 0:
-            raise ValueError("choice_candidates must be >= 2, llm_gate in [0, 1] and anchor_llm_cap >= 0")
+        if self.choice_candidates < 2 or not 0.0 <= self.llm_gate <= 1.0:
+            raise ValueError("choice_candidates must be >= 2 and llm_gate in [0, 1]")
+        if not (self.anchor_llm_cap == 0 or self.anchor_llm_cap >= MIN_POOL_ANCHORS):
+            # fewer anchors than the pool needs would spend LLM calls that can never earn the view a weight
+            raise ValueError(f"anchor_llm_cap must be 0 (never weigh the LLM views) or at least {MIN_POOL_ANCHORS} "
+                             f"(the anchors needed to weigh them), got {self.anchor_llm_cap}")
 
 
 @dataclass
@@ -566,7 +577,7 @@ class HCCPipeline:
         if len(gated) > cap:
             order = sorted(gated, key=lambda i: _stable_hash(self.anchor_texts[rows[i]]))
             return np.sort(np.array(order[:cap], dtype=np.int64))
-        floor = min(cap, _MIN_POOL_ANCHORS, len(rows))
+        floor = min(cap, MIN_POOL_ANCHORS, len(rows))
         if len(gated) >= floor:
             return gated
         return np.sort(np.argsort(confident, kind="stable")[:floor])
@@ -995,7 +1006,6 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="item", leave=False)
 
 
-_MIN_POOL_ANCHORS = 20  # anchors answered by the LLM views below which the views cannot be weighed
 #: Usable anchors a trained encoder never saw below which its temperature is fitted on all of them: one
 #: parameter, but fewer than ~20 outcomes leave its log-likelihood flat (set before measuring, not tuned).
 MIN_UNSEEN_ANCHORS = 20

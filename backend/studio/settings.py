@@ -17,7 +17,7 @@
 | ``HCC_ENCODER_PRECISION`` | ``auto`` (bfloat16 on CPUs with native bfloat16), ``float32``, ``bfloat16`` | ``auto`` |
 | ``HCC_CLASSIFIER`` | ``auto`` (the one the anchors prove), ``centroid``, ``ensemble``, ``topk_mean`` | ``auto`` |
 | ``HCC_COMBINE`` | ``pool`` (views weighed by the anchors' evidence), ``dcca`` (the paper's DCCA) | ``pool`` |
-| ``HCC_ANCHOR_LLM_CAP`` | anchors the LLM is asked about to weigh the views, at most (bounds its cost) | ``100`` |
+| ``HCC_ANCHOR_LLM_CAP`` | anchors the LLM is asked about to weigh the views (>= 20; ``0``: never ask) | ``100`` |
 | ``HCC_TRANSDUCTIVE`` | refine the class centroids on the project's tasks where the anchors show it helps | ``1`` |
 | ``HCC_FROM_NAME`` | which ``<Choices>`` to predict when the config has several | the only one |
 | ``HCC_CALIBRATION`` | score = calibrated P(label is right); ``0``: the agreement score | ``1`` |
@@ -43,6 +43,7 @@ from pathlib import Path
 
 from backend import __version__
 from backend.labelling.anchors import AUTO, CLASSIFIERS
+from backend.labelling.combination import MIN_POOL_ANCHORS
 from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
 from backend.labelling.pipeline import COMBINERS, HCCConfig
@@ -161,7 +162,7 @@ class Settings:
             job_retry_seconds=_number("HCC_JOB_RETRY_SECONDS", 10.0, minimum=0.0),
             hcc=_hcc_config(env("HCC_CLASSIFIER", "") or HCCConfig.classifier, env("HCC_COMBINE", "") or "pool",
                             transductive=_flag("HCC_TRANSDUCTIVE", True),
-                            anchor_llm_cap=_int("HCC_ANCHOR_LLM_CAP", HCCConfig.anchor_llm_cap, minimum=0)),
+                            anchor_llm_cap=_anchor_llm_cap()),
         )
 
     @property
@@ -180,6 +181,14 @@ class Settings:
     @property
     def cache_dir(self) -> Path:
         return self.model_dir / "cache"
+
+
+def _anchor_llm_cap() -> int:
+    cap = _int("HCC_ANCHOR_LLM_CAP", HCCConfig.anchor_llm_cap, minimum=0)
+    if 0 < cap < MIN_POOL_ANCHORS:
+        raise ValueError(f"HCC_ANCHOR_LLM_CAP must be 0 (never weigh the LLM) or at least {MIN_POOL_ANCHORS} "
+                         f"(the anchors needed to weigh it), got {cap}")
+    return cap
 
 
 def _hcc_config(classifier: str, combine: str = "pool", *, transductive: bool = True,

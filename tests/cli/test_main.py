@@ -189,6 +189,15 @@ def test_demo_with_an_llm_server(tmp_path: Path, llm_server: str) -> None:
     assert anchors_weighed(views) <= 30
 
 
+def test_an_anchor_llm_cap_too_small_to_weigh_the_llm_is_refused_before_anything_starts(files: Path) -> None:
+    proc = run_hcc("annotate", "--unlabeled", "tasks.csv", "--anchors", "anchors.csv", "--out", "out.jsonl",
+                   "--anchor-llm-cap", "5", "--llm-base-url", "http://127.0.0.1:9/v1", cwd=files)
+    assert proc.returncode == 2 and "anchor_llm_cap must be 0" in proc.stderr and "got 5" in proc.stderr
+    proc = run_hcc("demo", "--anchor-llm-cap", "5", "--workdir", "run", cwd=files)  # with Label Studio
+    assert proc.returncode == 2 and "got 5" in proc.stderr
+    assert not (files / "run").exists()  # nothing started, no data prepared
+
+
 def test_demo_options_reach_the_backend_as_its_settings(monkeypatch) -> None:
     from backend.cli.main import backend_env_for_demo, build_parser
     from backend.studio.settings import Settings

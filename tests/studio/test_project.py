@@ -393,15 +393,20 @@ def test_settings_read_the_classifier_and_precision_and_refuse_bad_values(monkey
         Settings.from_env()
 
 
-def test_settings_read_the_anchor_llm_cap_and_refuse_a_negative_one(monkeypatch) -> None:
+def test_settings_read_the_anchor_llm_cap_and_refuse_one_that_cannot_weigh_the_llm(monkeypatch) -> None:
     monkeypatch.delenv("HCC_ANCHOR_LLM_CAP", raising=False)
     default = Settings.from_env()
     monkeypatch.setenv("HCC_ANCHOR_LLM_CAP", "30")
     capped = Settings.from_env()
     assert (default.hcc.anchor_llm_cap, capped.hcc.anchor_llm_cap) == (100, 30)
     assert capped.model_version != default.model_version  # other evidence, other weights
+    monkeypatch.setenv("HCC_ANCHOR_LLM_CAP", "0")
+    assert Settings.from_env().hcc.anchor_llm_cap == 0  # the LLM is never weighed, so never asked
     monkeypatch.setenv("HCC_ANCHOR_LLM_CAP", "-1")
     with pytest.raises(ValueError, match="HCC_ANCHOR_LLM_CAP must be at least 0, got -1"):
+        Settings.from_env()
+    monkeypatch.setenv("HCC_ANCHOR_LLM_CAP", "5")  # calls that could never earn the LLM a weight
+    with pytest.raises(ValueError, match="HCC_ANCHOR_LLM_CAP must be 0 .* or at least 20 .*, got 5"):
         Settings.from_env()
 
 
