@@ -335,9 +335,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _hcc_config(args)  # a bad option is refused before anything starts, as --offline refuses it
         backend_env, offline_only = backend_env_for_demo(args)
         if offline_only:
-            verb = "applies" if len(offline_only) == 1 else "apply"
+            verb, them = ("applies", "it") if len(offline_only) == 1 else ("apply", "them")
             print(f"warning: {', '.join(offline_only)} {verb} only with --offline: the backend has no setting for "
-                  "it (README: the backend's settings)", file=sys.stderr)
+                  f"{them} (README: the backend's settings)", file=sys.stderr)
         summary = run_studio_demo(
             workdir=args.workdir or Path("runs/demo"), items=args.items, anchor_share=args.anchor_share,
             seed=args.seed, llm_model=None if args.no_llm else args.model, llm_base_url=args.llm_base_url,
