@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -527,6 +527,9 @@ class HCCPipeline:
                                           [self._view_probs(answers[v]) for v in cfg.llm_views])
             target = np.array([_slot(candidates[i], truth[i]) for i in asked], dtype=np.int64)
             evidence.pool = compare_pools(features, target, l2=cfg.pool_l2)
+            if cfg.anchor_llm_cap == 0:  # the views were not asked: say why, not "0 anchors answered"
+                evidence.pool = replace(evidence.pool, message="the LLM views are never weighed, so never asked: "
+                                                               "the cap on the anchors asked about them is 0")
             evidence.anchor_calls = len(asked) * len(cfg.llm_views)
             evidence.complete = True
             self._last_pool = evidence.pool

@@ -113,6 +113,16 @@ def test_a_careless_llm_earns_no_weight_and_costs_no_item_question(encoder, faul
     assert {r["stage"] for r in result.records} == {"encoder_only"}
 
 
+def test_a_cap_of_zero_anchors_never_asks_the_llm_and_says_so(encoder, fault_server: FaultServer,
+                                                                tmp_path: Path) -> None:
+    fault_server.default = ORACLE  # even a perfect LLM: the user chose not to spend calls weighing it
+    pipeline, result = run(encoder, fault_server, tmp_path, anchor_llm_cap=0)
+    evidence = result.report["combination"]
+    assert fault_server.request_count == 0 and not evidence["llm_adopted"]
+    assert "never weighed, so never asked" in evidence["message"]
+    assert [r["label"] for r in result.records] == [r["encoder_label"] for r in result.records]
+
+
 def test_a_rerun_replays_stored_answers_without_a_call(encoder, fault_server: FaultServer, tmp_path: Path) -> None:
     from backend.labelling.pipeline import stored_answers
 
