@@ -310,16 +310,18 @@ def backend_env_for_demo(args: argparse.Namespace) -> tuple[dict[str, str], list
     out, so the backend's own defaults hold), and the options given that only ``--offline`` can apply."""
     defaults = vars(build_parser().parse_args(["demo"]))
     given = {name for name, value in vars(args).items() if name in defaults and value != defaults[name]}
-    env = {_BACKEND_SETTINGS[name]: _as_setting(getattr(args, name)) for name in given & _BACKEND_SETTINGS.keys()}
+    env = {_BACKEND_SETTINGS[name]: str(getattr(args, name)) for name in given & _BACKEND_SETTINGS.keys()}
+    for name in given & {"encoder", "second_encoder"}:
+        env[_BACKEND_SETTINGS[name]] = _absolute_if_local(getattr(args, name))
     env |= {_BACKEND_SWITCHES_OFF[name]: "0" for name in given & _BACKEND_SWITCHES_OFF.keys()}
     ignored = sorted(given & _hcc_option_names() - _BACKEND_SETTINGS.keys() - _BACKEND_SWITCHES_OFF.keys())
     return env, ["--" + name.replace("_", "-") for name in ignored]
 
 
-def _as_setting(value: object) -> str:
-    """A local encoder directory as an absolute path: the backend does not run in the demo's directory."""
-    text = str(value)
-    return str(Path(text).resolve()) if Path(text).exists() else text
+def _absolute_if_local(encoder: str) -> str:
+    """A local encoder directory as an absolute path (the backend does not run in the demo's directory); a
+    packaged or hub name as it is."""
+    return str(Path(encoder).resolve()) if Path(encoder).exists() else encoder
 
 
 def _hcc_option_names() -> set[str]:

@@ -214,6 +214,20 @@ def test_demo_options_reach_the_backend_as_its_settings(monkeypatch) -> None:
     assert settings.hcc.transductive is False and settings.train is False
 
 
+def test_demo_gives_the_backend_a_local_encoder_as_an_absolute_path_and_other_values_as_they_are(
+        tmp_path: Path, monkeypatch) -> None:
+    from backend.cli.main import backend_env_for_demo, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-encoder").mkdir()
+    (tmp_path / "dcca").write_text("a file that happens to share an option's value")
+    args = build_parser().parse_args(["demo", "--encoder", "my-encoder", "--combine", "dcca",
+                                      "--second-encoder", "all-mpnet-base-v2"])
+    env, _ = backend_env_for_demo(args)
+    assert env == {"HCC_ENCODER": str((tmp_path / "my-encoder").resolve()), "HCC_COMBINE": "dcca",
+                   "HCC_SECOND_ENCODER": "all-mpnet-base-v2"}
+
+
 def test_label_descriptions_and_seed_reach_the_llm(files: Path, fault_server: FaultServer) -> None:
     (files / "labels.json").write_text(json.dumps({
         "card_arrival": "a card the customer ordered has not come", "exchange_rate": None,
