@@ -241,10 +241,15 @@ class HCCConfig:
             raise ValueError("the few_shot view cannot be pooled; use choice, zero_shot or hinted")
         if self.choice_candidates < 2 or not 0.0 <= self.llm_gate <= 1.0:
             raise ValueError("choice_candidates must be >= 2 and llm_gate in [0, 1]")
-        if not (self.anchor_llm_cap == 0 or self.anchor_llm_cap >= MIN_POOL_ANCHORS):
-            # fewer anchors than the pool needs would spend LLM calls that can never earn the view a weight
-            raise ValueError(f"anchor_llm_cap must be 0 (never weigh the LLM views) or at least {MIN_POOL_ANCHORS} "
-                             f"(the anchors needed to weigh them), got {self.anchor_llm_cap}")
+        check_anchor_llm_cap(self.anchor_llm_cap)
+
+
+def check_anchor_llm_cap(cap: int, name: str = "anchor_llm_cap") -> None:
+    """Refuse a cap on the anchors asked that could never weigh the LLM views (``name``: as the user set it)."""
+    if not (cap == 0 or cap >= MIN_POOL_ANCHORS):
+        # fewer anchors than the pool needs would spend LLM calls that can never earn the view a weight
+        raise ValueError(f"{name} must be 0 (never weigh the LLM views) or at least {MIN_POOL_ANCHORS} "
+                         f"(the anchors needed to weigh them), got {cap}")
 
 
 @dataclass

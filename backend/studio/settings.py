@@ -43,10 +43,9 @@ from pathlib import Path
 
 from backend import __version__
 from backend.labelling.anchors import AUTO, CLASSIFIERS
-from backend.labelling.combination import MIN_POOL_ANCHORS
 from backend.labelling.concurrency import DEFAULT_CAP
 from backend.labelling.encoder import DEFAULT_ENCODER, resolve_precision
-from backend.labelling.pipeline import COMBINERS, HCCConfig
+from backend.labelling.pipeline import COMBINERS, HCCConfig, check_anchor_llm_cap
 from backend.labelling.training import TrainingConfig
 
 
@@ -185,9 +184,7 @@ class Settings:
 
 def _anchor_llm_cap() -> int:
     cap = _int("HCC_ANCHOR_LLM_CAP", HCCConfig.anchor_llm_cap, minimum=0)
-    if 0 < cap < MIN_POOL_ANCHORS:
-        raise ValueError(f"HCC_ANCHOR_LLM_CAP must be 0 (never weigh the LLM) or at least {MIN_POOL_ANCHORS} "
-                         f"(the anchors needed to weigh it), got {cap}")
+    check_anchor_llm_cap(cap, "HCC_ANCHOR_LLM_CAP")
     return cap
 
 
